@@ -1,0 +1,3 @@
+from tunehouse.cli.main import app
+
+app()

@@ -1,0 +1,85 @@
+"""The app factory: create_app(settings) builds a server with its own home, database and worker."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from tunehouse import __version__
+from tunehouse.api.chat.router import router as chat_router
+from tunehouse.api.completions.router import router as completions_router
+from tunehouse.api.errors import install_error_handlers
+from tunehouse.api.files.router import router as files_router
+from tunehouse.api.fine_tuning.router import router as fine_tuning_router
+from tunehouse.api.guards import JsonBodyGuard
+from tunehouse.api.models.router import router as models_router
+from tunehouse.api.organization.router import permissions_router
+from tunehouse.api.organization.router import router as organization_router
+from tunehouse.api.usage.router import router as usage_router
+from tunehouse.config import Settings
+from tunehouse.state import AppState
+from tunehouse.usage.ratelimit import RateLimitMiddleware
+from tunehouse.webhooks.delivery import WebhookSender
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, start_worker: bool | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = AppState.open(settings)
+    run_worker = settings.local_worker if start_worker is None else start_worker
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker = None
+        if run_worker:
+            from tunehouse.jobs.worker import Worker
+
+            worker = Worker(settings, db=state.db)
+            worker.start()
+        # Webhook deliveries wait in a table (webhooks/outbox.py); this sends them, with retries.
+        sender = WebhookSender(settings, state.db)
+        sender.start()
+        try:
+            yield
+        finally:
+            sender.stop()
+            if worker is not None:
+                worker.stop()
+            state.close()
+
+    app = FastAPI(title="tunehouse", version=__version__, lifespan=lifespan)
+    app.state.tunehouse = state
+    install_error_handlers(app)
+    # Middleware runs outside-in in the reverse order of adding: request id, then the JSON body
+    # guard (a too large or too deeply nested body is refused before anything parses it), then the
+    # per-key rate limits (x-ratelimit-* headers on every authenticated /v1 response).
+    app.add_middleware(RateLimitMiddleware, state=state)
+    app.add_middleware(JsonBodyGuard)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["x-request-id"] = f"req_{uuid.uuid4().hex}"
+        return response
+
+    for router in (
+        files_router,
+        fine_tuning_router,
+        models_router,
+        chat_router,
+        completions_router,
+        usage_router,
+        organization_router,
+        permissions_router,
+    ):
+        app.include_router(router)
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict:
+        return {"status": "ok", "version": __version__}
+
+    return app

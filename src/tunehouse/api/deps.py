@@ -1,0 +1,67 @@
+"""Dependency aliases routers use: the state, a DB session, and the caller (organization, project,
+role). Roles are enforced here, once, for every route: a reader key may only read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from tunehouse.auth import Principal, authenticate
+from tunehouse.errors import PermissionDenied
+from tunehouse.state import AppState
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+INSUFFICIENT = "You have insufficient permissions for this operation."
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.tunehouse
+
+
+def get_session(state: Annotated[AppState, Depends(get_state)]) -> Iterator[Session]:
+    with state.db.session() as session:
+        yield session
+
+
+def get_principal(
+    state: Annotated[AppState, Depends(get_state)],
+    authorization: Annotated[str | None, Header()] = None,
+    openai_project: Annotated[str | None, Header()] = None,
+    openai_organization: Annotated[str | None, Header()] = None,
+) -> Principal:
+    """Who is calling (authentication only; also called directly by middleware)."""
+    with state.db.transaction() as session:
+        return authenticate(
+            session,
+            authorization,
+            admin_key=state.settings.admin_key,
+            project_header=openai_project,
+            organization_header=openai_organization,
+        )
+
+
+def get_caller(request: Request, principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    """The caller, allowed to make this request by its role."""
+    # Read-only keys: every route that changes something (POST, DELETE) is a write, including
+    # chat and completions, as with OpenAI's read-only keys (they lack the model.request scope).
+    if principal.role == "reader" and request.method not in READ_METHODS:
+        raise PermissionDenied(INSUFFICIENT + " This API key is read-only.", code="insufficient_permissions")
+    return principal
+
+
+def get_admin(principal: Annotated[Principal, Depends(get_caller)]) -> Principal:
+    """Organization admin keys only (the /v1/organization/... API, checkpoint permissions)."""
+    if not principal.is_admin:
+        raise PermissionDenied(
+            INSUFFICIENT + " This endpoint needs an organization admin key.", code="insufficient_permissions"
+        )
+    return principal
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+SessionDep = Annotated[Session, Depends(get_session)]
+OrgDep = Annotated[Principal, Depends(get_caller)]
+AdminDep = Annotated[Principal, Depends(get_admin)]

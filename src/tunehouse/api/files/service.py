@@ -1,0 +1,199 @@
+"""Files: stored under <home>/files/<org>/<id>, one row each; deleting removes the bytes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tunehouse import ids
+from tunehouse.api.files.protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
+from tunehouse.api.files.upload import stream_multipart_to_file
+from tunehouse.api.pagination import page
+from tunehouse.auth import Principal
+from tunehouse.errors import InvalidRequest, NotFound, PayloadTooLarge
+from tunehouse.state import AppState
+from tunehouse.store.tables import File, now
+from tunehouse.tenancy import audit
+from tunehouse.tenancy.scope import scoped_files
+from tunehouse.usage.quotas import check_storage, storage_exceeded, storage_room
+
+log = logging.getLogger(__name__)
+
+
+def to_wire(row: File) -> FileObject:
+    return FileObject(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        filename=row.filename,
+        purpose=row.purpose,
+        status=row.status,
+    )
+
+
+def _blob_key(organization_id: str, file_id: str) -> str:
+    return f"{organization_id}/{file_id}"
+
+
+async def upload_file(
+    state: AppState, *, principal: Principal, content_type: str | None, body: AsyncIterator[bytes]
+) -> FileObject:
+    file_id = ids.file_id()
+    key = _blob_key(principal.organization_id, file_id)
+    # Streamed straight into storage under a temporary key, published by commit() below.
+    blob = state.files.writer(key)
+    # The storage quota (usage/quotas.py) caps the upload as it streams: nothing over it is kept.
+    with state.db.session() as session:
+        room, _ = storage_room(state.settings, session, principal.organization_id)
+    max_bytes = (
+        state.settings.max_upload_bytes if room is None else min(room, state.settings.max_upload_bytes)
+    )
+    try:
+        try:
+            parsed = await stream_multipart_to_file(content_type, body, blob.open, max_bytes=max_bytes)
+        except PayloadTooLarge:
+            if max_bytes < state.settings.max_upload_bytes:
+                with state.db.session() as session:
+                    raise storage_exceeded(state.settings, session, principal.organization_id, None) from None
+            raise
+        purpose = parsed.fields.get("purpose")
+        if not purpose:
+            raise InvalidRequest(
+                "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter"
+            )
+        if purpose not in UPLOAD_PURPOSES:
+            raise InvalidRequest(
+                f"Invalid value for 'purpose': '{purpose}'. Supported values are: "
+                + ", ".join(f"'{p}'" for p in UPLOAD_PURPOSES)
+                + ".",
+                param="purpose",
+                code="invalid_value",
+            )
+        if parsed.filename is None:
+            raise InvalidRequest(
+                "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
+            )
+        # Only the last path component is kept: the name is metadata, never a path on our disk.
+        filename = os.path.basename(parsed.filename.replace("\\", "/")) or "upload"
+        if purpose == "fine-tune" and not filename.lower().endswith(".jsonl"):
+            raise InvalidRequest(
+                f"Invalid file format for Fine-Tuning API. Must be .jsonl (got '{filename}').",
+                param="file",
+                code="invalid_file_format",
+            )
+        expires_at = None
+        seconds = parsed.fields.get("expires_after[seconds]")
+        if seconds is not None:
+            try:
+                expires_at = now() + int(seconds)
+            except ValueError:
+                raise InvalidRequest(
+                    "Invalid value for 'expires_after[seconds]'.", param="expires_after"
+                ) from None
+        blob.commit()
+        row = File(
+            id=file_id,
+            organization_id=principal.organization_id,
+            project_id=principal.owning_project_id,
+            filename=filename[:512],
+            purpose=purpose,
+            bytes=parsed.bytes,
+            status="processed",
+            path=key,
+            expires_at=expires_at,
+        )
+        try:
+            with state.db.transaction() as session:
+                # Again, counting what others stored meanwhile.
+                check_storage(state.settings, session, principal.organization_id, parsed.bytes)
+                session.add(row)
+        except Exception:
+            state.files.delete(key)
+            raise
+        return to_wire(row)
+    finally:
+        blob.abort()
+
+
+def create_file_from_bytes(
+    state: AppState,
+    session: Session,
+    *,
+    organization_id: str,
+    filename: str,
+    purpose: str,
+    data: bytes,
+    project_id: str | None = None,
+) -> File:
+    """Files the system makes itself (result CSVs); added to the caller's transaction."""
+    file_id = ids.file_id()
+    key = _blob_key(organization_id, file_id)
+    state.files.write_bytes(key, data)
+    row = File(
+        id=file_id,
+        organization_id=organization_id,
+        project_id=project_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=len(data),
+        status="processed",
+        path=key,
+    )
+    session.add(row)
+    return row
+
+
+def get_file_row(session: Session, *, principal: Principal, file_id: str) -> File:
+    row = session.scalar(scoped_files(session, principal).where(File.id == file_id))
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="id")
+    return row
+
+
+def list_files(
+    session: Session, *, principal: Principal, purpose: str | None, after: str | None, limit: int, order: str
+) -> FileList:
+    stmt = scoped_files(session, principal)
+    if purpose:
+        stmt = stmt.where(File.purpose == purpose)
+    rows, has_more = page(session, stmt, File, after=after, limit=limit, descending=order == "desc")
+    data = [to_wire(r) for r in rows]
+    return FileList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
+
+
+def file_path(state: AppState, row: File) -> Path:
+    return state.files.path(row.path)
+
+
+def delete_file(state: AppState, session: Session, *, principal: Principal, file_id: str) -> FileDeleted:
+    row = get_file_row(session, principal=principal, file_id=file_id)
+    key = row.path
+    session.delete(row)
+    audit.record(
+        session,
+        organization_id=row.organization_id,
+        project_id=row.project_id,
+        actor=principal,
+        action="file.deleted",
+        object_id=file_id,
+        details={"filename": row.filename, "purpose": row.purpose, "bytes": row.bytes},
+    )
+    session.commit()
+    state.files.delete(key)
+    return FileDeleted(id=file_id, deleted=True)
+
+
+def any_file_of(session: Session, file_id: str) -> File | None:
+    """Internal (worker) lookup, not scoped: callers have already checked ownership."""
+    return session.scalar(select(File).where(File.id == file_id))

@@ -1,0 +1,70 @@
+"""Models: the base catalog plus the organization's fine-tuned models and checkpoints."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from tunehouse.api.models.protocol import Model, ModelDeleted, ModelList
+from tunehouse.auth import Principal
+from tunehouse.catalog import BASE_CREATED, is_base_model, list_base_models, resolve_base_model
+from tunehouse.errors import ModelNotFound, PermissionDenied
+from tunehouse.inference.engine import ModelRef
+from tunehouse.state import AppState
+from tunehouse.tenancy import audit
+from tunehouse.tenancy.scope import own_checkpoint, usable_checkpoint, usable_checkpoints
+
+# Fine-tuned models are the caller's own (its project's, or its organization's for an admin key)
+# plus those shared with its project through checkpoint permissions (tenancy/scope.py).
+
+
+def list_models(state: AppState, session: Session, *, principal: Principal) -> ModelList:
+    data = [Model(id=n, created=BASE_CREATED, owned_by="tunehouse") for n in list_base_models(state.settings)]
+    rows = usable_checkpoints(session, principal)
+    data += [Model(id=c.model_name, created=c.created_at, owned_by=c.organization_id) for c in rows]
+    return ModelList(data=data)
+
+
+def retrieve_model(state: AppState, session: Session, *, principal: Principal, model: str) -> Model:
+    if is_base_model(state.settings, model):
+        return Model(id=model, created=BASE_CREATED, owned_by="tunehouse")
+    row = usable_checkpoint(session, principal, model)
+    if row is None:
+        raise ModelNotFound(model)
+    return Model(id=row.model_name, created=row.created_at, owned_by=row.organization_id)
+
+
+def delete_model(state: AppState, session: Session, *, principal: Principal, model: str) -> ModelDeleted:
+    row = own_checkpoint(session, principal, model)
+    if row is None:
+        if is_base_model(state.settings, model):
+            raise PermissionDenied(
+                f"Base model `{model}` cannot be deleted; only fine-tuned models can.",
+                param="model",
+                code="model_not_deletable",
+            )
+        raise ModelNotFound(model)
+    path = row.path
+    session.delete(row)
+    audit.record(
+        session,
+        organization_id=row.organization_id,
+        project_id=row.project_id,
+        actor=principal,
+        action="model.deleted",
+        object_id=model,
+        details={"checkpoint_id": row.id, "job_id": row.job_id},
+    )
+    session.commit()
+    state.weights.delete(path)
+    return ModelDeleted(id=model, deleted=True)
+
+
+def resolve_for_inference(state: AppState, session: Session, *, principal: Principal, model: str) -> ModelRef:
+    """A model name as a client sends it → the base folder and, for ft: names, the adapter folder."""
+    if is_base_model(state.settings, model):
+        return ModelRef(name=model, base_path=resolve_base_model(state.settings, model).path)
+    row = usable_checkpoint(session, principal, model)
+    if row is None:
+        raise ModelNotFound(model)
+    base = resolve_base_model(state.settings, row.base_model)
+    return ModelRef(name=model, base_path=base.path, adapter_path=state.weights.path(row.path))

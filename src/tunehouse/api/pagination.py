@@ -1,0 +1,34 @@
+"""Cursor pagination as OpenAI does it: `after=<id of the last item seen>`, `limit`, `has_more`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from tunehouse.errors import InvalidRequest
+
+
+def page(
+    session: Session,
+    stmt: Select,
+    table: Any,
+    *,
+    after: str | None,
+    limit: int,
+    descending: bool = True,
+) -> tuple[list[Any], bool]:
+    """Rows of `stmt` (already scoped to the caller) after the cursor, and whether more follow."""
+    if after is not None:
+        cursor = session.scalar(stmt.with_only_columns(table.seq).where(table.id == after))
+        if cursor is None:
+            raise InvalidRequest(f"Invalid 'after': no object with id '{after}' in this list.", param="after")
+        stmt = stmt.where(table.seq < cursor if descending else table.seq > cursor)
+    stmt = stmt.order_by(table.seq.desc() if descending else table.seq.asc()).limit(limit + 1)
+    rows = list(session.scalars(stmt))
+    return rows[:limit], len(rows) > limit
+
+
+def scoped(table: Any, organization_id: str) -> Select:
+    return select(table).where(table.organization_id == organization_id)

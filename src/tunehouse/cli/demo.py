@@ -1,0 +1,169 @@
+"""The main job, end to end over real HTTP: start a server, upload the example tickets data,
+fine-tune the embedded default model with live progress, then compare the fine-tuned model with
+its base on held-out prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tunehouse.catalog import DEFAULT_MODEL
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(home: Path, port: int, key: str, console: Console) -> subprocess.Popen:
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "demo-server.log", "ab")  # noqa: SIM115 - lives as long as the server
+    env = {**os.environ, "TUNEHOUSE_ADMIN_KEY": key}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunehouse", "serve", "--port", str(port), "--home", str(home)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    import httpx2 as httpx
+
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited (code {proc.returncode}); see {home / 'demo-server.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError("the server did not start within 180 s")
+
+
+def _answer(client, model: str, messages: list[dict]) -> str:
+    out = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=48)
+    return (out.choices[0].message.content or "").strip()
+
+
+def _parse(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def _follow(client, job_id: str, console: Console):
+    """Print events as they come and drive a progress bar from the metrics events."""
+    seen: set[str] = set()
+    with Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("train", total=None, loss="")
+        while True:
+            events = list(client.fine_tuning.jobs.list_events(job_id, limit=100).data)
+            for e in reversed(events):  # the API lists newest first
+                if e.id in seen:
+                    continue
+                seen.add(e.id)
+                if e.type == "metrics" and e.data:
+                    loss = f"loss {e.data['train_loss']:.3f}"
+                    if "valid_loss" in e.data:
+                        loss += f"  valid {e.data['valid_loss']:.3f}"
+                    progress.update(task, total=e.data["total_steps"], completed=e.data["step"], loss=loss)
+                else:
+                    progress.console.print(f"  [dim]{time.strftime('%H:%M:%S')}[/] {e.message}")
+            job = client.fine_tuning.jobs.retrieve(job_id)
+            if job.status in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(1.0)
+
+
+def run_demo(*, examples: Path, home: Path, hyperparameters: dict, console: Console) -> int:
+    from openai import OpenAI
+
+    files = {k: examples / f"tickets_{k}.jsonl" for k in ("train", "valid", "heldout")}
+    for path in files.values():
+        if not path.exists():
+            console.print(f"[red]Missing {path}[/] (run from the repository root, or pass --examples)")
+            return 2
+    key = "sk-demo-" + secrets.token_urlsafe(16)
+    port = _free_port()
+    console.rule("tunehouse demo")
+    console.print(f"Starting a server on port {port} (home: {home}) …")
+    server = _start_server(home, port, key, console)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=600)
+        train = client.files.create(file=files["train"].open("rb"), purpose="fine-tune")
+        valid = client.files.create(file=files["valid"].open("rb"), purpose="fine-tune")
+        console.print(
+            f"Uploaded {train.filename} ({train.bytes} B) as {train.id} and {valid.filename} as {valid.id}"
+        )
+        hyper = {
+            k: v if v == "auto" else float(v) if k == "learning_rate_multiplier" else int(v)
+            for k, v in hyperparameters.items()
+        }
+        t0 = time.time()
+        job = client.fine_tuning.jobs.create(
+            model=DEFAULT_MODEL,
+            training_file=train.id,
+            validation_file=valid.id,
+            suffix="tickets",
+            method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        )
+        console.print(f"Created job {job.id}")
+        job = _follow(client, job.id, console)
+        wall = time.time() - t0
+        if job.status != "succeeded":
+            console.print(f"[red]Job {job.status}:[/] {job.error.message if job.error else ''}")
+            return 1
+        console.print(
+            f"[green]Fine-tuned model[/] {job.fine_tuned_model} in {wall:.0f} s "
+            f"({job.trained_tokens} trained tokens, hyperparameters {job.hyperparameters.model_dump()})"
+        )
+
+        console.rule("held-out prompts: base vs fine-tuned (greedy)")
+        table = Table(show_lines=True)
+        for col in ("ticket", "expected", DEFAULT_MODEL, "fine-tuned"):
+            table.add_column(col, overflow="fold")
+        scores = {"base": [0, 0], "ft": [0, 0]}  # [valid JSON, exact match]
+        heldout = [json.loads(line) for line in files["heldout"].read_text().splitlines() if line.strip()]
+        for ex in heldout:
+            prompt, expected = ex["messages"][:-1], ex["messages"][-1]["content"]
+            row = [prompt[-1]["content"], expected]
+            for who, model in (("base", DEFAULT_MODEL), ("ft", job.fine_tuned_model)):
+                text = _answer(client, model, prompt)
+                parsed = _parse(text)
+                scores[who][0] += parsed is not None
+                scores[who][1] += parsed is not None and parsed == _parse(expected)
+                row.append(text)
+            table.add_row(*row)
+        console.print(table)
+        n = len(heldout)
+        console.print(f"valid JSON: base {scores['base'][0]}/{n}, fine-tuned {scores['ft'][0]}/{n}")
+        console.print(f"exact match: base {scores['base'][1]}/{n}, fine-tuned {scores['ft'][1]}/{n}")
+        console.print(f"fine-tune wall time (job created → succeeded): {wall:.0f} s")
+        return 0
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()

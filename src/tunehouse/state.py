@@ -1,0 +1,47 @@
+"""Everything a running server holds, built once by create_app (no module globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunehouse.config import Settings
+from tunehouse.store.blobs import Blobs, open_blobs
+from tunehouse.store.engine import Database
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    db: Database
+    files: Blobs
+    weights: Blobs
+    _engine: Any = field(default=None, repr=False)  # the inference engine, created on first chat
+
+    @classmethod
+    def open(cls, settings: Settings) -> AppState:
+        from tunehouse.store.engine import migrate
+
+        settings.ensure_dirs()
+        migrate(settings.db_url)
+        return cls(
+            settings=settings,
+            db=Database(settings.db_url),
+            files=open_blobs(settings, "files"),
+            weights=open_blobs(settings, "weights"),
+        )
+
+    @property
+    def inference(self):
+        if self._engine is None:
+            from tunehouse.inference.hf import HFEngine
+
+            self._engine = HFEngine(
+                dtype=self.settings.dtype, max_adapters=self.settings.inference_max_adapters
+            )
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+        self.db.dispose()

@@ -1,0 +1,339 @@
+"""The metadata store. Every row a user owns carries its organization; every listed table has an
+integer `seq` that gives a stable order for cursor pagination (`after=<id>`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    slug: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class Project(Base):
+    """A unit of isolation inside an organization: project keys see only their project's objects."""
+
+    __tablename__ = "projects"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active | archived
+    # The project objects made by organization admin keys go to; it cannot be archived or deleted.
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    archived_at: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (UniqueConstraint("organization_id", "name", name="uq_projects_org_name"),)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    # sha256 of the key: a leaked database does not leak usable keys.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+    # None: an organization admin key; otherwise the only project the key can see.
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16), default="owner")  # owner | member | reader
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class File(Base):
+    __tablename__ = "files"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="processed")
+    path: Mapped[str] = mapped_column(Text)  # relative to the files folder
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+
+
+class Job(Base):
+    __tablename__ = "fine_tuning_jobs"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(256))  # as requested and echoed (a base or an ft: model)
+    base_model: Mapped[str] = mapped_column(String(256))  # the base the weights start from
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    method: Mapped[dict[str, Any]] = mapped_column(
+        JSON
+    )  # {"type": ..., "<type>": {"hyperparameters": {...}}}
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    integrations: Mapped[list[Any] | None] = mapped_column(JSON)
+    # tunehouse extensions that are not hyperparameters, e.g. {"overlap_is_error": true}
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(512))
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
+    # Queue bookkeeping: the worker holding the job and until when its lease runs.
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # What a worker needs to run the job (set when its files are validated): only a worker that
+    # offers at least this many GPUs claims it.
+    gpus_required: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Billing (tunehouse extension, usage/): the training price quoted at creation (USD per 1M
+    # billable tokens), the estimate from the data check, and what was billed after the free allowance.
+    training_price: Mapped[float | None] = mapped_column(Float)
+    estimated_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_cost: Mapped[float | None] = mapped_column(Float)
+    cost: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_jobs_queue", "status", "seq"),)
+
+
+class JobEvent(Base):
+    __tablename__ = "fine_tuning_job_events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    message: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16), default="message")
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+def _project_of_job(context) -> str | None:
+    """A checkpoint belongs to its job's project, whoever registers it (the worker need not know)."""
+    job_id = context.get_current_parameters().get("job_id")
+    return context.connection.scalar(select(Job.project_id).where(Job.id == job_id))
+
+
+class Checkpoint(Base):
+    """A servable snapshot of a job: one per epoch; the final one *is* the fine-tuned model."""
+
+    __tablename__ = "fine_tuning_checkpoints"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    model_name: Mapped[str] = mapped_column(String(512), unique=True)
+    base_model: Mapped[str] = mapped_column(String(256))
+    step_number: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    path: Mapped[str] = mapped_column(Text)  # adapter folder, relative to the weights folder
+    is_final: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    project_id: Mapped[str | None] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True, default=_project_of_job
+    )
+
+
+class CheckpointPermission(Base):
+    """A fine-tuned model or checkpoint shared with a project (OpenAI's checkpoint permissions)."""
+
+    __tablename__ = "checkpoint_permissions"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    # The organization that owns the checkpoint (and manages the permission).
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    checkpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("fine_tuning_checkpoints.id", ondelete="CASCADE"), index=True
+    )
+    # The project granted access; it may belong to another organization.
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+    __table_args__ = (
+        UniqueConstraint("checkpoint_id", "project_id", name="uq_checkpoint_permissions_ckpt_project"),
+    )
+
+
+class AuditLog(Base):
+    """Key, project and deletion actions, written in the same transaction as the action.
+
+    No foreign key to the organization on purpose: the record of an organization's deletion
+    outlives the organization."""
+
+    __tablename__ = "audit_log"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(String(64), index=True)
+    project_id: Mapped[str | None] = mapped_column(String(64))
+    # The key that acted; None for the TUNEHOUSE_ADMIN_KEY and the command line (see actor_type).
+    actor_key_id: Mapped[str | None] = mapped_column(String(64))
+    actor_type: Mapped[str] = mapped_column(String(16))  # api_key | admin_key | cli
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    object_id: Mapped[str | None] = mapped_column(String(512))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+# --- usage, quotas and webhooks (usage/, webhooks/) --------------------------------------------------
+
+
+class UsageRecord(Base):
+    """Tokens and cost per organization, project, key, model, UTC day and kind, incremented in place.
+
+    project_id and key_id are "" rather than NULL when absent: a unique index treats NULLs as
+    distinct, and the upsert needs the bucket's row to conflict with itself."""
+
+    __tablename__ = "usage_records"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    project_id: Mapped[str] = mapped_column(String(64), default="")
+    key_id: Mapped[str] = mapped_column(String(64), default="")
+    day: Mapped[dt.date] = mapped_column(Date)
+    kind: Mapped[str] = mapped_column(String(16))  # training | inference
+    model: Mapped[str] = mapped_column(String(512))
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    training_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)  # inference requests, or succeeded jobs
+    cost: Mapped[float] = mapped_column(Float, default=0.0)  # USD, after the free training allowance
+
+    __table_args__ = (
+        UniqueConstraint(
+            "organization_id", "project_id", "key_id", "model", "day", "kind", name="uq_usage_records_bucket"
+        ),
+        Index("ix_usage_records_org_day", "organization_id", "day"),
+    )
+
+
+class OrganizationQuota(Base):
+    """Per-organization overrides of the settings' defaults; NULL inherits, -1 means unlimited."""
+
+    __tablename__ = "organization_quotas"
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    free_training_tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    max_training_tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class ApiKeyRateLimit(Base):
+    """Per-key rate limits, over the organization's. No foreign key to api_keys: that table's
+    shape belongs to the keys work; a row left by a deleted key limits nothing."""
+
+    __tablename__ = "api_key_rate_limits"
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class WebhookEndpoint(Base):
+    __tablename__ = "webhook_endpoints"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(String(128))  # whsec_…: needed in clear to sign
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one row per (event, endpoint), written with the job's final status change."""
+
+    __tablename__ = "webhook_deliveries"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True
+    )
+    event_id: Mapped[str] = mapped_column(String(64))  # the webhook-id header, the same on every retry
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)  # the exact body, so every attempt signs the same bytes
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+
+class Worker(Base):
+    """A `tunehouse worker` (or a server's own worker): what it offers, and whether it is alive."""
+
+    __tablename__ = "workers"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(128), unique=True)  # host:pid:random, as in Job.worker_id
+    host: Mapped[str] = mapped_column(String(256))
+    # {"cpus": 16, "gpus": 2, "gpu_names": [...], "executor": "local" | "ray", "memory_gb": 64.0}
+    capabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    started_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    last_heartbeat: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[int | None] = mapped_column(BigInteger)  # set on a graceful stop
