@@ -1,0 +1,214 @@
+"""OpenAI's fine-tuning hyperparameters (`n_epochs`, `batch_size`, `learning_rate_multiplier`) and
+the rules that turn "auto" into numbers.
+
+A job asks for each value as a number or "auto" (a missing key is "auto"). Checking the request
+for types is the API's job; this module only refuses values that cannot train (non-positive, or a
+fractional epoch/batch count) with ValueError, and resolves "auto" from the training set size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# The learning rate that `learning_rate_multiplier` multiplies. 2e-4 is the standard LoRA rate
+# (QLoRA, PEFT and TRL examples) for rank 16 / alpha 32 adapters at an effective batch of ~8-16;
+# full fine-tuning uses ~10x less, but LoRA's low-rank update needs a larger step to move.
+BASE_LEARNING_RATE = 2e-4
+# Full fine-tuning's base rate: 2e-5, TRL's SFTTrainer default and the usual rate for fine-tuning
+# every weight of a small instruct model (Zephyr, SmolLM2's own SFT used 1e-5..3e-5). Every weight
+# moves, so the same step that LoRA needs would wreck what the base model knows.
+BASE_LEARNING_RATE_FULL = 2e-5
+# The batch size at which BASE_LEARNING_RATE is the right rate (see `auto_learning_rate_multiplier`).
+REFERENCE_BATCH_SIZE = 8
+
+# OpenAI cookbook ("Data preparation and analysis for chat model fine-tuning"): aim for ~3 passes
+# over the data, but see at least 100 and at most 25,000 examples in total, within 1..25 epochs.
+TARGET_EPOCHS = 3
+MIN_TARGET_EXAMPLES = 100
+MAX_TARGET_EXAMPLES = 25_000
+MIN_DEFAULT_EPOCHS = 1
+MAX_DEFAULT_EPOCHS = 25
+
+# Auto batch size: about ten steps per epoch at least, a power of two, between 1 and 32.
+STEPS_PER_EPOCH_TARGET = 10
+MAX_AUTO_BATCH_SIZE = 32
+
+
+# tunehouse extensions of the method's hyperparameters: which weights train.
+FINE_TUNING_TYPES = ("lora", "full")
+# LoRA goes on every linear projection of attention and MLP (QLoRA showed all-linear matches full
+# fine-tuning far better than q/v only). Names are Llama/Mistral/Qwen/SmolLM style.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def base_learning_rate(fine_tuning_type: str = "lora") -> float:
+    """The rate `learning_rate_multiplier` multiplies: 2e-4 for LoRA, 2e-5 for full fine-tuning."""
+    if fine_tuning_type not in FINE_TUNING_TYPES:
+        raise ValueError(
+            f"fine_tuning_type must be one of {', '.join(FINE_TUNING_TYPES)}, got {fine_tuning_type!r}"
+        )
+    return BASE_LEARNING_RATE_FULL if fine_tuning_type == "full" else BASE_LEARNING_RATE
+
+
+@dataclass
+class Hyperparameters:
+    """Resolved values (no "auto" left), as reported back on the job."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+    @property
+    def learning_rate(self) -> float:
+        return BASE_LEARNING_RATE * self.learning_rate_multiplier
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def auto_n_epochs(n_examples: int) -> int:
+    """The OpenAI cookbook rule: 3 epochs, more for tiny sets (up to 25), fewer for huge ones."""
+    if n_examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        return min(MAX_DEFAULT_EPOCHS, MIN_TARGET_EXAMPLES // n_examples)
+    if n_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+        return max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
+    return TARGET_EPOCHS
+
+
+def auto_batch_size(n_examples: int) -> int:
+    """The largest power of two <= n_examples / 10, between 1 and 32.
+
+    Why: small sets (the usual case: tens to a few thousand examples) need enough optimizer steps
+    per epoch for the loss curve to mean something and the linear decay to have room; ten keeps
+    that. Fewer, fuller steps are also what a CPU runs fastest (per-step overhead and small
+    matmuls): on the 90-example demo set batch 8 trained 4x faster than batch 2 and learned better
+    (examples/README.md). Beyond a few hundred examples a batch of 32 already averages out
+    per-example noise for a LoRA adapter; bigger batches only cost memory.
+    (OpenAI's own rule is unpublished; observed values are ~0.2% of the set, capped at 256.)
+    """
+    target = n_examples // STEPS_PER_EPOCH_TARGET
+    if target < 1:
+        return 1
+    return min(MAX_AUTO_BATCH_SIZE, 1 << (target.bit_length() - 1))
+
+
+def auto_learning_rate_multiplier(batch_size: int) -> float:
+    """sqrt(batch_size / 8), clipped to [0.5, 2]: Adam's square-root scaling rule.
+
+    Why: with Adam the update size per step is ~lr, and the gradient noise falls with sqrt(batch);
+    the square-root rule (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+    Algorithms") keeps training dynamics alike across batch sizes. The clip stops batch 1 from
+    crawling (0.5 -> 1e-4) and large batches from overshooting (2 -> 4e-4) on small data.
+    """
+    return round(min(2.0, max(0.5, math.sqrt(batch_size / REFERENCE_BATCH_SIZE))), 4)
+
+
+def _is_auto(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value == "auto")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be 'auto' or a positive integer, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be 'auto' or a positive integer, got {value!r}") from None
+    if not number.is_integer() or number <= 0:
+        raise ValueError(f"{name} must be 'auto' or a positive integer, got {value!r}")
+    return int(number)
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be 'auto' or a positive number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be 'auto' or a positive number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be 'auto' or a positive number, got {value!r}")
+    return number
+
+
+def resolve_hyperparameters(requested: dict[str, Any] | None, n_examples: int) -> Hyperparameters:
+    """Turn a job's requested hyperparameters into numbers.
+
+    `requested` holds n_epochs / batch_size / learning_rate_multiplier, each "auto", a number or
+    missing. The batch size is resolved before the learning-rate multiplier, which depends on it.
+    """
+    if n_examples <= 0:
+        raise ValueError(f"n_examples must be positive, got {n_examples}")
+    requested = requested or {}
+
+    n_epochs = requested.get("n_epochs")
+    n_epochs = auto_n_epochs(n_examples) if _is_auto(n_epochs) else _positive_int("n_epochs", n_epochs)
+
+    batch_size = requested.get("batch_size")
+    batch_size = (
+        auto_batch_size(n_examples) if _is_auto(batch_size) else _positive_int("batch_size", batch_size)
+    )
+
+    lrm = requested.get("learning_rate_multiplier")
+    lrm = (
+        auto_learning_rate_multiplier(batch_size)
+        if _is_auto(lrm)
+        else _positive_float("learning_rate_multiplier", lrm)
+    )
+    return Hyperparameters(n_epochs=n_epochs, batch_size=batch_size, learning_rate_multiplier=lrm)
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO (`method.dpo.hyperparameters`): the three above plus `beta`
+# ----------------------------------------------------------------------------------------------
+
+# DPO's beta scales the implicit reward beta * log(pi / pi_ref); OpenAI accepts (0, 2] and says a
+# higher beta keeps the model closer to the reference (REFERENCE §5.3).
+DEFAULT_BETA = 0.1
+MAX_BETA = 2.0
+
+
+def auto_beta() -> float:
+    """0.1: the value of the DPO paper (Rafailov et al. 2023) and TRL's DPOTrainer default.
+
+    Why not scale it with the data: beta sets how far the policy may drift from the reference per
+    unit of preference signal, a property of the task, not of the set size; 0.1 is the
+    well-tested middle (0.01-0.5 is the range people tune in). It is only a default: ask for a
+    larger beta to stay closer to the base model, a smaller one to follow the preferences harder.
+    """
+    return DEFAULT_BETA
+
+
+@dataclass
+class DpoHyperparameters(Hyperparameters):
+    """Resolved DPO values: n_epochs, batch_size (preference pairs per step),
+    learning_rate_multiplier, and beta in (0, 2]."""
+
+    beta: float
+
+
+def resolve_dpo_hyperparameters(requested: dict[str, Any] | None, n_examples: int) -> DpoHyperparameters:
+    """`resolve_hyperparameters` for a DPO job: the same auto rules for n_epochs / batch_size /
+    learning_rate_multiplier (n_examples counts preference pairs), and `beta` ("auto" or missing:
+    `auto_beta()`; otherwise a number in (0, 2], else ValueError)."""
+    requested = requested or {}
+    hp = resolve_hyperparameters({k: v for k, v in requested.items() if k != "beta"}, n_examples)
+    raw = requested.get("beta")
+    if _is_auto(raw):
+        beta = auto_beta()
+    else:
+        bad = ValueError(f"beta must be 'auto' or a number in (0, {MAX_BETA:g}], got {raw!r}")
+        try:
+            beta = _positive_float("beta", raw)
+        except ValueError:
+            raise bad from None
+        if beta > MAX_BETA:
+            raise bad
+    return DpoHyperparameters(
+        n_epochs=hp.n_epochs,
+        batch_size=hp.batch_size,
+        learning_rate_multiplier=hp.learning_rate_multiplier,
+        beta=beta,
+    )
