@@ -1,0 +1,233 @@
+"""Deleting a project or an organization: everything it owns goes, rows and bytes.
+
+Order matters:
+1. Active jobs are cancelled and taken from their worker in their own transaction first, so the
+   training process stops writing (it checks its job every couple of seconds and exits when the
+   job is no longer its own).
+2. Rows go in one transaction, together with the audit entry.
+3. Bytes go after the commit: the database is the truth, so a crash in between leaves unreferenced
+   bytes (under the tenant's own prefix) rather than rows pointing at nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import delete, select, update
+
+from tunehouse.errors import InvalidRequest, NotFound
+from tunehouse.jobs import status as st
+from tunehouse.jobs.events import add_event
+from tunehouse.jobs.state_store import discard_training_state
+from tunehouse.store.tables import (
+    ApiKey,
+    Checkpoint,
+    CheckpointPermission,
+    File,
+    Job,
+    Organization,
+    Project,
+    now,
+)
+from tunehouse.tenancy import audit
+from tunehouse.tenancy.projects import project_in_org
+from tunehouse.tenancy.scope import result_file_ids
+
+if TYPE_CHECKING:
+    from tunehouse.auth import Principal
+    from tunehouse.config import Settings
+    from tunehouse.state import AppState
+    from tunehouse.store.engine import Database
+
+
+@dataclass
+class Stores:
+    """Where a tenant's bytes live: uploaded and result files, adapters, per-job work folders and
+    training states (under the settings' home, and in the storage URL's store when there is one)."""
+
+    files: object  # store.blobs store (public delete(key))
+    weights: object
+    settings: Settings
+
+    @classmethod
+    def of(cls, state: AppState) -> Stores:
+        return cls(files=state.files, weights=state.weights, settings=state.settings)
+
+
+@dataclass
+class Deleted:
+    files: int = 0
+    jobs: int = 0
+    checkpoints: int = 0
+    keys: int = 0
+    projects: int = 0
+    blob_keys: list[str] = field(default_factory=list)
+
+
+def _cancel_active(db: Database, job_filter) -> None:
+    with db.transaction() as s:
+        active = list(s.scalars(select(Job.id).where(job_filter, Job.status.notin_(st.TERMINAL))))
+        if not active:
+            return
+        s.execute(
+            update(Job)
+            .where(Job.id.in_(active))
+            .values(status=st.CANCELLED, finished_at=now(), worker_id=None, lease_expires_at=None)
+        )
+        for job_id in active:
+            add_event(s, job_id, "Fine-tuning job cancelled: its project or organization is being deleted")
+
+
+def _delete_bytes(
+    stores: Stores,
+    *,
+    organization_id: str,
+    file_keys: list[str],
+    weight_keys: list[str],
+    job_ids: list[str],
+) -> None:
+    for key in file_keys:
+        stores.files.delete(key)
+    for key in weight_keys:
+        stores.weights.delete(key)
+    for job_id in job_ids:
+        # Training states (here and in the store) and logs: they hold tokenized training data.
+        discard_training_state(stores.settings, organization_id=organization_id, job_id=job_id)
+        shutil.rmtree(Path(stores.settings.jobs_dir) / job_id, ignore_errors=True)
+
+
+def delete_project(
+    db: Database, stores: Stores, *, organization_id: str, project_id: str, actor: Principal | None
+) -> Deleted:
+    with db.session() as s:
+        project = project_in_org(s, organization_id=organization_id, project_id=project_id)
+        if project.is_default:
+            raise InvalidRequest(
+                "The default project cannot be deleted (it goes with its organization).",
+                param="project_id",
+                code="default_project",
+            )
+    in_project = (Job.organization_id == organization_id) & (Job.project_id == project_id)
+    _cancel_active(db, in_project)
+    out = Deleted(projects=1)
+    with db.transaction() as s:
+        job_ids = list(s.scalars(select(Job.id).where(in_project)))
+        results = result_file_ids(s, organization_id=organization_id, project_id=project_id)
+        files = list(
+            s.scalars(
+                select(File).where(
+                    File.organization_id == organization_id,
+                    (File.project_id == project_id) | File.id.in_(results),
+                )
+            )
+        )
+        ckpts = list(
+            s.scalars(
+                select(Checkpoint).where(
+                    Checkpoint.organization_id == organization_id,
+                    (Checkpoint.project_id == project_id) | Checkpoint.job_id.in_(job_ids),
+                )
+            )
+        )
+        out.files, out.jobs, out.checkpoints = len(files), len(job_ids), len(ckpts)
+        ckpt_ids = [c.id for c in ckpts]
+        s.execute(
+            delete(CheckpointPermission).where(
+                CheckpointPermission.checkpoint_id.in_(ckpt_ids)
+                | (CheckpointPermission.project_id == project_id)
+            )
+        )
+        s.execute(delete(Checkpoint).where(Checkpoint.id.in_(ckpt_ids)))
+        s.execute(delete(Job).where(Job.id.in_(job_ids)))  # events go with them (ON DELETE CASCADE)
+        s.execute(delete(File).where(File.id.in_([f.id for f in files])))
+        out.keys = s.execute(delete(ApiKey).where(ApiKey.project_id == project_id)).rowcount
+        s.execute(delete(Project).where(Project.id == project_id))
+        audit.record(
+            s,
+            organization_id=organization_id,
+            project_id=project_id,
+            actor=actor,
+            action="project.deleted",
+            object_id=project_id,
+            details={
+                "name": project.name,
+                "files": out.files,
+                "jobs": out.jobs,
+                "checkpoints": out.checkpoints,
+                "api_keys": out.keys,
+            },
+        )
+    weight_keys = [c.path for c in ckpts] + [f"{organization_id}/{j}" for j in job_ids]
+    _delete_bytes(
+        stores,
+        organization_id=organization_id,
+        file_keys=[f.path for f in files],
+        weight_keys=weight_keys,
+        job_ids=job_ids,
+    )
+    return out
+
+
+def delete_organization(
+    db: Database, stores: Stores, *, organization_id: str, actor: Principal | None
+) -> Deleted:
+    with db.session() as s:
+        org = s.scalar(select(Organization).where(Organization.id == organization_id))
+        if org is None:
+            raise NotFound(f"No such organization: {organization_id}", param="organization")
+        org_name = org.name
+    _cancel_active(db, Job.organization_id == organization_id)
+    out = Deleted()
+    with db.transaction() as s:
+        job_ids = list(s.scalars(select(Job.id).where(Job.organization_id == organization_id)))
+        file_keys = list(s.scalars(select(File.path).where(File.organization_id == organization_id)))
+        ckpt_paths = list(
+            s.scalars(select(Checkpoint.path).where(Checkpoint.organization_id == organization_id))
+        )
+        project_ids = list(s.scalars(select(Project.id).where(Project.organization_id == organization_id)))
+        out.files, out.jobs, out.checkpoints, out.projects = (
+            len(file_keys),
+            len(job_ids),
+            len(ckpt_paths),
+            len(project_ids),
+        )
+        # Explicit, child tables first: the result does not depend on the database's cascades.
+        s.execute(
+            delete(CheckpointPermission).where(
+                (CheckpointPermission.organization_id == organization_id)
+                | CheckpointPermission.project_id.in_(project_ids)
+            )
+        )
+        s.execute(delete(Checkpoint).where(Checkpoint.organization_id == organization_id))
+        s.execute(delete(Job).where(Job.organization_id == organization_id))
+        s.execute(delete(File).where(File.organization_id == organization_id))
+        out.keys = s.execute(delete(ApiKey).where(ApiKey.organization_id == organization_id)).rowcount
+        s.execute(delete(Project).where(Project.organization_id == organization_id))
+        s.execute(delete(Organization).where(Organization.id == organization_id))
+        audit.record(
+            s,
+            organization_id=organization_id,
+            actor=actor,
+            action="organization.deleted",
+            object_id=organization_id,
+            details={
+                "name": org_name,
+                "projects": out.projects,
+                "files": out.files,
+                "jobs": out.jobs,
+                "checkpoints": out.checkpoints,
+                "api_keys": out.keys,
+            },
+        )
+    # Per-object keys, then the organization's own prefix (anything left under it is its too).
+    _delete_bytes(
+        stores,
+        organization_id=organization_id,
+        file_keys=file_keys + [organization_id],
+        weight_keys=ckpt_paths + [f"{organization_id}/{j}" for j in job_ids] + [organization_id],
+        job_ids=job_ids,
+    )
+    return out
