@@ -1,0 +1,75 @@
+"""Shared fixtures: the real default model (converted once per machine) and a tiny random model
+built from its tokenizer, so training and serving tests run the real code in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tunehouse.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+# Converted base models are shared by every test run on this machine (the conversion takes ~20 s).
+MODELS_DIR = Path(os.environ.get("TUNEHOUSE_TEST_MODELS_DIR", REPO / ".cache" / "models"))
+TINY_MODEL = "tiny-smollm2"
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from tunehouse.catalog import ensure_default_model
+
+    return ensure_default_model(Settings(home=MODELS_DIR.parent / "home-unused", models_dir=MODELS_DIR))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(default_model_dir: Path, tmp_path_factory) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template, random weights (seed 0)."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(default_model_dir, tmp_path_factory.mktemp("tiny-model"))
+
+
+# TUNEHOUSE_TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres runs every
+# test against PostgreSQL: each test gets a database of its own, created here and dropped after.
+PG_ADMIN_URL = os.environ.get("TUNEHOUSE_TEST_DATABASE_URL")
+
+
+@contextmanager
+def fresh_database(home: Path):
+    if not PG_ADMIN_URL:
+        yield None  # SQLite in the home folder (the default)
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"tunehouse_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def make_settings(home: Path, tiny_model_dir: Path, database_url: str | None) -> Settings:
+    """A fresh home with the tiny model registered as a base model."""
+    return Settings(
+        home=home,
+        database_url=database_url,
+        models_dir=MODELS_DIR,
+        base_models={TINY_MODEL: tiny_model_dir},
+        admin_key="sk-test-admin",
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model_dir: Path):
+    with fresh_database(tmp_path) as url:
+        yield make_settings(tmp_path / "home", tiny_model_dir, url)
