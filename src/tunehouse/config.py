@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     )
     worker_poll_seconds: float = 1.0
     lease_seconds: float = Field(default=60.0, description="A worker that stops renewing loses its job.")
+    job_retry_seconds: float = Field(
+        default=5.0,
+        description="A job whose process failed runs again after base × 2^(n-1) seconds for its n-th "
+        "retry (5 s, 10 s, 20 s, …, at most 5 minutes), so a passing outage does not use up its attempts.",
+    )
     state_save_seconds: float = Field(
         default=300.0, description="Training state is saved this often (and on pause), to resume from."
     )

@@ -111,7 +111,7 @@ def test_a_killed_training_process_resumes_from_its_saved_state(settings, tmp_pa
         assert done.status == "succeeded", done.error
         assert [s for s, _ in _metrics(client, job.id)] == list(range(1, STEPS + 1))
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
-        assert any(m.startswith("Retrying: the training process was killed") for m in messages)
+        assert any(m.startswith("Retrying in ") and "the training process was killed" in m for m in messages)
         assert any(m.startswith("Fine-tuning job resumed from step ") for m in messages)
 
 

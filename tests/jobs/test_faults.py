@@ -84,7 +84,9 @@ def test_a_training_process_that_raises_is_retried_then_fails_clearly(settings, 
         assert done.status == "failed"
         assert done.error.message.startswith("The train step failed: ")
         retries = [
-            e.message for e in events(client, job.id) if e.message.startswith("Retrying: the training")
+            e.message
+            for e in events(client, job.id)
+            if e.message.startswith("Retrying in ") and "the training process failed" in e.message
         ]
         assert len(retries) == TRAIN_ERROR_ATTEMPTS - 2  # validation counts as the first start
         assert queue.job_state(live.app.state.tunehouse.db, job.id) == ("failed", None)
@@ -114,8 +116,8 @@ class TcpProxy:
         threading.Thread(target=self._accept, args=(s,), daemon=True).start()
 
     def cut(self) -> None:
-        self.listener.close()
         with self.lock:
+            self.listener.close()
             for c in self.conns:
                 with contextlib.suppress(OSError):
                     c.shutdown(socket.SHUT_RDWR)
@@ -130,6 +132,11 @@ class TcpProxy:
                 return
             upstream = socket.create_connection(self.target)
             with self.lock:
+                if listener is not self.listener or listener.fileno() == -1:
+                    # Accepted as cut() ran: this connection must not outlive the cut.
+                    client.close()
+                    upstream.close()
+                    continue
                 self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -170,7 +177,7 @@ def test_the_database_unreachable_for_a_while_delays_the_job_but_loses_nothing(a
             lock.rollback()
             lock.close()
         done = wait_for_job(client, job.id, timeout=300)
-        assert done.status == "succeeded", done.error
+        assert done.status == "succeeded", (done.error, [e.message for e in events(client, job.id)])
         assert metric_steps(client, job.id) == list(range(1, 21))  # none lost, none twice
         assert worker._thread.is_alive()
         beat = queue.list_workers(Database(settings.db_url), alive_within=60)
@@ -179,3 +186,31 @@ def test_the_database_unreachable_for_a_while_delays_the_job_but_loses_nothing(a
         worker.stop()
         if proxy is not None:
             proxy.cut()
+
+
+def test_a_job_handed_back_after_a_failure_waits_out_its_backoff(api, tmp_path):
+    """A retry is not claimed before its delay has passed, then is; the delay doubles per retry."""
+    client = api.client()
+    db = Database(api.settings.db_url)
+    try:
+        job = create_job(client, tmp_path)
+        assert queue.claim(db, worker_id="w", phase="validate", lease_seconds=30) == job.id
+        queue.release(db, worker_id="w", job_id=job.id, message="Retrying in 1.5 s: test", delay=1.5)
+        assert queue.claim(db, worker_id="w", phase="validate", lease_seconds=30) is None
+        time.sleep(1.6)
+        assert queue.claim(db, worker_id="w", phase="validate", lease_seconds=30) == job.id
+        assert [queue.retry_delay(5, n) for n in range(1, 9)] == [5, 5, 10, 20, 40, 80, 160, 300]
+    finally:
+        db.dispose()
+
+
+def test_a_failed_job_quotes_the_exception_not_sqlalchemy_boilerplate(tmp_path):
+    from tunehouse.jobs.worker import _log_tail
+
+    log = tmp_path / "train.log"
+    log.write_text(
+        "Traceback (most recent call last):\n  ...\n"
+        "sqlalchemy.exc.OperationalError: (psycopg.OperationalError) connection refused\n"
+        "(Background on this error at: https://sqlalche.me/e/21/e3q8)\n\n"
+    )
+    assert _log_tail(log) == "sqlalchemy.exc.OperationalError: (psycopg.OperationalError) connection refused"

@@ -18,6 +18,21 @@ def _unleased(now: float):
     return or_(Job.worker_id.is_(None), Job.lease_expires_at < now)
 
 
+def _due(now: float):
+    """Not waiting out a retry backoff (see `release`)."""
+    return or_(Job.retry_at.is_(None), Job.retry_at <= now)
+
+
+MAX_RETRY_DELAY_SECONDS = 300.0
+
+
+def retry_delay(base_seconds: float, attempts: int) -> float:
+    """How long a job waits before its next start after a failed one: base × 2^(n-1) for the n-th
+    retry (validation counts as the first start), at most 5 minutes."""
+    n = max(attempts - 1, 1)
+    return min(base_seconds * 2 ** (n - 1), MAX_RETRY_DELAY_SECONDS)
+
+
 def claim(
     db: Database, *, worker_id: str, phase: str, lease_seconds: float, gpus: int | None = None
 ) -> str | None:
@@ -30,10 +45,10 @@ def claim(
     """
     now = time.time()
     if phase == "validate":
-        ready = and_(Job.status == st.VALIDATING, _unleased(now))
+        ready = and_(Job.status == st.VALIDATING, _unleased(now), _due(now))
     else:
         ready = or_(
-            and_(Job.status == st.QUEUED, _unleased(now)),
+            and_(Job.status == st.QUEUED, _unleased(now), _due(now)),
             and_(Job.status == st.RUNNING, Job.lease_expires_at < now),
         )
         if gpus is not None:
@@ -55,6 +70,7 @@ def claim(
                 lease_expires_at=now + lease_seconds,
                 # Every start counts: a job whose process keeps dying is failed, not retried forever.
                 attempts=Job.attempts + 1,
+                retry_at=None,
             )
             .returning(Job.id)
         ).scalar()
@@ -126,8 +142,9 @@ def attempts(db: Database, job_id: str) -> int:
         return s.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
 
 
-def release(db: Database, *, worker_id: str, job_id: str, message: str) -> None:
-    """Hand a job back to the queue (graceful shutdown): it runs again on the next free worker."""
+def release(db: Database, *, worker_id: str, job_id: str, message: str, delay: float = 0.0) -> None:
+    """Hand a job back to the queue: it runs again on the next free worker, not before `delay`
+    seconds (a retry after a failure backs off; a graceful shutdown hands it back at once)."""
     with db.transaction() as s:
         n = s.execute(
             update(Job)
@@ -136,6 +153,7 @@ def release(db: Database, *, worker_id: str, job_id: str, message: str) -> None:
                 status=case((Job.status == st.RUNNING, st.QUEUED), else_=Job.status),
                 worker_id=None,
                 lease_expires_at=None,
+                retry_at=time.time() + delay if delay > 0 else None,
             )
         ).rowcount
         if n:

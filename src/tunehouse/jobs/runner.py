@@ -680,11 +680,13 @@ def _after_error(runner: Runner, phase: str, e: Exception) -> int:
         elif isinstance(e, OperationalError):
             return 1  # the database: not the job's fault; the worker retries once it is reachable
         elif phase == "train" and (n := queue.attempts(runner.db, runner.job_id)) < TRAIN_ERROR_ATTEMPTS:
+            delay = queue.retry_delay(runner.settings.job_retry_seconds, n)
             queue.release(
                 runner.db,
                 worker_id=runner.worker_id,
                 job_id=runner.job_id,
-                message=f"Retrying: the training process failed with {what} (start {n}; the job fails at {TRAIN_ERROR_ATTEMPTS})",
+                message=f"Retrying in {delay:g} s: the training process failed with {what} (start {n}; the job fails at {TRAIN_ERROR_ATTEMPTS})",
+                delay=delay,
             )
             return 0
         else:

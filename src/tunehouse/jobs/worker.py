@@ -184,12 +184,14 @@ class Worker:
         except Exception:
             # Could not start it (the Ray cluster went away, ...): hand the job back at once.
             log.exception("job %s: could not start %s", job_id, phase)
-            if queue.attempts(self.db, job_id) < MAX_ATTEMPTS:
+            if (attempts := queue.attempts(self.db, job_id)) < MAX_ATTEMPTS:
+                delay = queue.retry_delay(self.settings.job_retry_seconds, attempts)
                 queue.release(
                     self.db,
                     worker_id=self.worker_id,
                     job_id=job_id,
-                    message="Could not start the job; retrying",
+                    message=f"Could not start the job; retrying in {delay:g} s",
+                    delay=delay,
                 )
             else:
                 queue.fail(
@@ -230,11 +232,15 @@ class Worker:
             reason = f"the {what} process exited unexpectedly (exit code {code})"
         attempts = queue.attempts(self.db, job_id)
         if attempts < MAX_ATTEMPTS:
+            # Backing off: if the cause is passing (the database or storage unreachable from the
+            # training process), a later start succeeds instead of the attempts running out at once.
+            delay = queue.retry_delay(self.settings.job_retry_seconds, attempts)
             queue.release(
                 self.db,
                 worker_id=self.worker_id,
                 job_id=job_id,
-                message=f"Retrying: {reason} (attempt {attempts} of {MAX_ATTEMPTS})",
+                message=f"Retrying in {delay:g} s: {reason} (attempt {attempts} of {MAX_ATTEMPTS})",
+                delay=delay,
             )
             return
         tail = _log_tail(run.log_path)
@@ -265,11 +271,17 @@ class Worker:
                 run.process.kill()
 
 
+# Lines SQLAlchemy appends after an exception's own message: they say nothing about the cause.
+_LOG_BOILERPLATE = ("(Background on this error at:", "[SQL:", "[parameters:")
+
+
 def _log_tail(path: Path) -> str:
+    """The last line of the log that says something (for a traceback: the exception's message)."""
     try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines()]
     except OSError:
         return ""
+    lines = [ln for ln in lines if ln and not ln.startswith(_LOG_BOILERPLATE)]
     return lines[-1][-300:] if lines else ""
 
 

@@ -129,6 +129,8 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A job handed back after its process failed is not claimed again before this time (backoff).
+    retry_at: Mapped[float | None] = mapped_column(Float)
     # What a worker needs to run the job (set when its files are validated): only a worker that
     # offers at least this many GPUs claims it.
     gpus_required: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
