@@ -14,6 +14,11 @@ from the dtype and what from the batching. The base is the real default model, r
 `tunehouse.catalog` (converted from the installed GGUF once; no downloads). Timings on a shared
 machine are noisy: the contenders are measured in turn, `--repeats` rounds, and each keeps its best;
 compare ratios within one run. The last line gives the ratios against the faster of the two plain runs.
+
+Each contender lives in a process of its own. In one process they would slow each other down: once
+two threads have run multi-threaded torch ops (plain `generate` in the main thread, our engine in its
+scheduler thread), libgomp counts more OpenMP threads than cores and throttles its spin-waiting, so
+every parallel op of either pays a thread wake-up (a bf16 matmul of one row: 40 → 95 µs).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from tunehouse.catalog import ensure_default_model
 from tunehouse.config import Settings
 from tunehouse.inference.engine import Delta, ModelRef, SamplingParams, Usage
 from tunehouse.inference.hf import HFEngine
+from tunehouse.inference.quantize import int8_supported
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -84,8 +90,12 @@ def best(runs: list[dict]) -> dict:
 class Plain:
     """Plain transformers `generate` on the base model, loaded as `from_pretrained` gives it or in `dtype`."""
 
-    def __init__(self, base_dir: Path, dtype, tokens: int, streams: int):
+    def __init__(self, base_dir: Path, dtype, tokens: int, streams: int, threads: int = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.dtype = dtype or torch.float32
 
         self.tok = AutoTokenizer.from_pretrained(base_dir)
         self.tok.padding_side = "left"
@@ -149,11 +159,60 @@ def timed_request(
     return first or 0.0, time.perf_counter() - t0, tokens
 
 
+class Contender:
+    """A contender in a process of its own (see the module's docstring), measured on request."""
+
+    def __init__(self, factory, *args):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve_contender, args=(child, factory, args), daemon=True)
+        self.process.start()
+        self.info = self._reply()
+
+    def _reply(self):
+        reply = self.conn.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def measure(self) -> dict:
+        self.conn.send("measure")
+        return self._reply()
+
+    def close(self) -> None:
+        self.conn.send("close")
+        self.process.join(timeout=60)
+
+
+def _serve_contender(conn, factory, args) -> None:
+    try:
+        contender = factory(*args)
+        conn.send({"dtype": str(getattr(contender, "dtype", ""))})
+        while conn.recv() == "measure":
+            conn.send(contender.measure())
+        contender.close()
+    except BaseException as e:  # sent to the parent, which raises it
+        conn.send(e)
+
+
 class Ours:
     """The tunehouse engine: the base model for one stream, 4 adapters for the concurrent streams."""
 
-    def __init__(self, base_dir: Path, adapters: list[Path], tokens: int, streams: int):
-        self.engine = engine = HFEngine()
+    def __init__(
+        self,
+        base_dir: Path,
+        adapters: list[Path],
+        tokens: int,
+        streams: int,
+        threads: int = 0,
+        quantization="none",
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.engine = engine = HFEngine(quantization=quantization)
+        self.dtype = engine.dtype
         self.streams = streams
         self.base = ModelRef("base", base_dir)
         eos = sorted(engine._base(base_dir).eos_ids)
@@ -212,9 +271,8 @@ def main() -> None:
         "--repeats", type=int, default=3, help="rounds of measurements; each contender keeps its best"
     )
     parser.add_argument("--models-dir", type=Path, default=REPO / ".cache" / "models")
+    parser.add_argument("--no-int8", action="store_true", help="leave out the int8-weights engine")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     base_dir = ensure_default_model(
         Settings(home=args.models_dir.parent / "home-unused", models_dir=args.models_dir)
@@ -222,14 +280,21 @@ def main() -> None:
     print(f"base {base_dir}, {args.tokens} new tokens per request, torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(base_dir, Path(tmp), 4)
-        contenders: dict[str, Ours | Plain] = {
-            "tunehouse": Ours(base_dir, adapters, args.tokens, args.streams)
+        contenders = {
+            "tunehouse": Contender(Ours, base_dir, adapters, args.tokens, args.streams, args.threads)
         }
-        engine_dtype = contenders["tunehouse"].engine.dtype
-        contenders["plain generate (default fp32)"] = Plain(base_dir, None, args.tokens, args.streams)
-        if engine_dtype != torch.float32:
-            name = f"plain generate ({str(engine_dtype).removeprefix('torch.')})"
-            contenders[name] = Plain(base_dir, engine_dtype, args.tokens, args.streams)
+        engine_dtype = contenders["tunehouse"].info["dtype"].removeprefix("torch.")
+        if int8_supported(torch.device("cpu"), getattr(torch, engine_dtype)) and not args.no_int8:
+            contenders["tunehouse int8"] = Contender(
+                Ours, base_dir, adapters, args.tokens, args.streams, args.threads, "int8"
+            )
+        contenders["plain generate (default fp32)"] = Contender(
+            Plain, base_dir, None, args.tokens, args.streams, args.threads
+        )
+        if engine_dtype != "float32":
+            contenders[f"plain generate ({engine_dtype})"] = Contender(
+                Plain, base_dir, getattr(torch, engine_dtype), args.tokens, args.streams, args.threads
+            )
         # Round-robin, so that a burst of load from other jobs hits every contender alike.
         measured: dict[str, list[dict]] = {name: [] for name in contenders}
         for _ in range(args.repeats):
@@ -237,29 +302,30 @@ def main() -> None:
                 measured[name].append(contender.measure())
         for contender in contenders.values():
             contender.close()
-    us = best(measured.pop("tunehouse"))
+    ours = {
+        f"tunehouse ({'int8 weights' if name.endswith('int8') else best(measured[name])['dtype']}, 4 adapters)": best(
+            measured.pop(name)
+        )
+        for name in [n for n in measured if n.startswith("tunehouse")]
+    }
     runs = {name: best(m) for name, m in measured.items()}
 
     print(
-        f"\n{'':34} {'1 stream tok/s':>14} {'TTFT s':>7} {args.streams:>3} streams tok/s {'p50 s':>7} {'p99 s':>7}"
+        f"\n{'':40} {'1 stream tok/s':>14} {'TTFT s':>7} {args.streams:>3} streams tok/s {'p50 s':>7} {'p99 s':>7}"
     )
-    rows = {f"tunehouse ({us['dtype']}, 4 adapters)": us, **runs}
-    for name, r in rows.items():
+    for name, r in {**ours, **runs}.items():
         print(
-            f"{name:34} {r['one_tps']:14.1f} {r['ttft']:7.3f} {r['many_tps']:17.1f} {r['p50']:7.2f} {r['p99']:7.2f}"
-        )
-    for name, r in runs.items():
-        print(
-            f"ratio vs {name}: one stream {us['one_tps'] / r['one_tps']:.2f}x (target 2x), "
-            f"{args.streams} streams over 4 adapters {us['many_tps'] / r['many_tps']:.2f}x (target 1.5x)"
+            f"{name:40} {r['one_tps']:14.1f} {r['ttft']:7.3f} {r['many_tps']:17.1f} {r['p50']:7.2f} {r['p99']:7.2f}"
         )
     # The honest baseline: whichever plain configuration was faster, separately for each target.
     one = max(runs, key=lambda k: runs[k]["one_tps"])
     many = max(runs, key=lambda k: runs[k]["many_tps"])
-    print(
-        f"against the faster plain generate: one stream {us['one_tps'] / runs[one]['one_tps']:.2f}x "
-        f"(vs {one}), {args.streams} streams {us['many_tps'] / runs[many]['many_tps']:.2f}x (vs {many})"
-    )
+    for name, us in ours.items():
+        print(
+            f"{name} against the faster plain generate: one stream {us['one_tps'] / runs[one]['one_tps']:.2f}x "
+            f"(target 2x, vs {one}), {args.streams} streams over 4 adapters "
+            f"{us['many_tps'] / runs[many]['many_tps']:.2f}x (target 1.5x, vs {many})"
+        )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ class AppState:
             from tunehouse.inference.hf import HFEngine
 
             self._engine = HFEngine(
-                dtype=self.settings.dtype, max_adapters=self.settings.inference_max_adapters
+                dtype=self.settings.dtype,
+                max_adapters=self.settings.inference_max_adapters,
+                quantization=self.settings.inference_quantization,
             )
         return self._engine
 

@@ -213,3 +213,15 @@ def test_disconnect_frees_the_slot(client, shared_server):
     assert engine.active_sequences() == 0
     # The API answered meanwhile and still does.
     assert client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=2).choices
+
+
+def test_a_server_set_to_int8_weights_answers_as_usual(settings):
+    from tests.api.conftest import LiveServer
+
+    settings.dtype, settings.inference_quantization = "bfloat16", "int8"
+    with LiveServer(settings) as live:
+        out = live.client().chat.completions.create(
+            model=TINY_MODEL, messages=MESSAGES, max_tokens=8, temperature=0
+        )
+        assert out.choices[0].message.content and out.usage.completion_tokens > 0
+        assert live.app.state.tunehouse.inference.quantization == "int8"

@@ -68,6 +68,7 @@ from tunehouse.inference.engine import (
     Usage,
 )
 from tunehouse.inference.lora import MultiLora
+from tunehouse.inference.quantize import int8_supported, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -420,11 +421,19 @@ class HFEngine(InferenceEngine):
         max_adapters: int = 8,
         device: str = "auto",
         max_batch_size: int = 64,
+        quantization: str = "none",
     ):
         if max_adapters < 1:
             raise ValueError("max_adapters must be at least 1")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if quantization not in ("none", "int8"):
+            raise ValueError(f"unknown quantization {quantization!r}; use none or int8")
+        if quantization == "int8" and not int8_supported(self.device, self.dtype):
+            raise ValueError(
+                f"int8 quantization needs bf16 on the CPU (here: {self.dtype} on {self.device.type})"
+            )
+        self.quantization = quantization
         self.max_adapters = max_adapters
         self.max_batch_size = max_batch_size
         self._bases: dict[str, _Base] = {}
@@ -435,7 +444,12 @@ class HFEngine(InferenceEngine):
         self._active = 0  # sequences queued or running
         self._thread: threading.Thread | None = None
         self._closed = False
-        log.info("transformers engine on %s in %s", self.device, str(self.dtype).removeprefix("torch."))
+        log.info(
+            "transformers engine on %s in %s%s",
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            ", int8 weights" if quantization == "int8" else "",
+        )
 
     # ---- public API: prompts ---------------------------------------------------------------------
 
@@ -635,6 +649,8 @@ class HFEngine(InferenceEngine):
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(base.path, dtype=self.dtype)
         model.to(self.device).eval().requires_grad_(False)
+        if self.quantization == "int8":
+            quantize_int8(model)
         head = model.get_output_embeddings()
         if head is not None:
             # The head sees the last position of each row, a strided slice; as such matmul can take a

@@ -60,9 +60,12 @@ class LoraLinear(nn.Module):
         self.context = context
         self.n_slots = n_slots
         self.rank = rank
-        weight = base.weight
-        self.A_all = torch.zeros(n_slots * rank, base.in_features, dtype=weight.dtype, device=weight.device)
-        self.B_all = torch.zeros(base.out_features, n_slots * rank, dtype=weight.dtype, device=weight.device)
+        # The base layer's activation dtype and device (an int8 layer keeps them in its scales).
+        ref = getattr(base, "scales", None)
+        if ref is None:
+            ref = base.weight
+        self.A_all = torch.zeros(n_slots * rank, base.in_features, dtype=ref.dtype, device=ref.device)
+        self.B_all = torch.zeros(base.out_features, n_slots * rank, dtype=ref.dtype, device=ref.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
