@@ -38,6 +38,22 @@ def tiny_model_dir(default_model_dir: Path, tmp_path_factory) -> Path:
 PG_ADMIN_URL = os.environ.get("TUNEHOUSE_TEST_DATABASE_URL")
 
 
+# The fixtures through which a test reaches the database (each makes a fresh one with
+# `fresh_database`). A test that uses none of them runs the same on either database.
+DATABASE_FIXTURES = {"settings", "shared_server", "world"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The PostgreSQL pass runs only the tests that use the database: the others ran, identically,
+    in the SQLite pass (scripts/test.sh runs both)."""
+    if not PG_ADMIN_URL:
+        return
+    keep = [item for item in items if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
+
 @contextmanager
 def fresh_database(home: Path):
     if not PG_ADMIN_URL:
