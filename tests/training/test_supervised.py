@@ -195,3 +195,45 @@ def test_trained_adapter_reproduces_the_answer(tmp_path: Path, learnable_model_d
         out = model.generate(ids, max_new_tokens=16, do_sample=False)
     text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert text.strip() == answer
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_a_tool_line_trains_on_the_prompt_serving_builds(tokenizer, tiny_model_dir: Path, system) -> None:
+    """SmolLM2's template has no tools: training adds the same tools preamble serving adds, so a
+    model fine-tuned on tool calls is served the prompt it was trained on."""
+    from tunehouse.data.chat import tokenize_chat
+    from tunehouse.inference.engine import ModelRef
+    from tunehouse.inference.hf import HFEngine
+
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    line = chat("Weather in Paris?", "", system=system)
+    line["messages"][-1] = {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    }
+    line["tools"] = tools
+    example = tokenize_chat(tokenizer, line)
+    engine = HFEngine()  # only its prompt building is used: no model is loaded
+    try:
+        prompt = engine.encode_chat(ModelRef("tiny", tiny_model_dir), line["messages"][:-1], tools=tools)
+    finally:
+        engine.close()
+    first_target = example.trained.index(True)
+    assert example.input_ids[:first_target] == prompt
+    assert '"name": "get_weather"' in tokenizer.decode(prompt)
+    target = tokenizer.decode([t for t, m in zip(example.input_ids, example.trained, strict=True) if m])
+    assert "<tool_call>" in target and '"city": "Paris"' in target

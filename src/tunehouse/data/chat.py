@@ -41,6 +41,38 @@ def content_text(content: Any) -> str:
     return str(content)
 
 
+# Templates without tool support (SmolLM2's ChatML) get the tools as this preamble, appended to the
+# system message, in training and in serving alike (the Hermes / Qwen 2.5 wording).
+TOOLS_PREAMBLE = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+def preamble(tools: list[dict]) -> str:
+    return TOOLS_PREAMBLE.format(tools="\n".join(json.dumps(t) for t in tools))
+
+
+def with_preamble(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The messages with the tools preamble appended to the system message (or as a first one).
+    Call with normalized messages (roles system/user/assistant/tool, text content)."""
+    text = preamble(tools)
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = (first.get("content") or "").rstrip() + "\n\n" + text
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
 def _tool_calls_text(tool_calls: list[dict]) -> str:
     # Templates without tool support still need the calls in the text: Hermes-style tags, which
     # the serving side parses back into OpenAI tool_calls.
@@ -102,7 +134,13 @@ def tokenize_chat(tokenizer, example: dict, *, max_length: int | None = None) ->
     has_tools = template_supports_tools(tokenizer)
     raw = example["messages"]
     messages = normalize_messages(raw, template_has_tools=has_tools)
-    tools = example.get("tools") if has_tools else None
+    tools = example.get("tools") or None
+    if tools and not has_tools:
+        # The prompt serving builds for a request with these tools (tunehouse.inference.hf).
+        messages = with_preamble(messages, tools)
+        if len(messages) > len(raw):
+            raw = [{"role": "system"}, *raw]  # the preamble's own system message
+        tools = None
     full = render(tokenizer, messages, add_generation_prompt=False, tools=tools)
 
     spans: list[tuple[int, int]] = []

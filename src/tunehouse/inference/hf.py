@@ -22,7 +22,7 @@ served as a base model of its own.
 
 Prompts are rendered exactly as training renders them (`tunehouse.data.chat`): the base model's own
 chat template, text content, `developer` as `system`; tools through the template when it handles
-them, else as a system preamble (`tunehouse.inference.tools`).
+them, else as a system preamble (`tunehouse.data.chat.with_preamble`, as in training).
 
 Text is decoded incrementally (the prefix/read-offset scheme vLLM uses), so streamed pieces never
 split a multi-byte character and their concatenation is exactly the non-streamed text. Stop
@@ -50,8 +50,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 
-from tunehouse.data.chat import normalize_messages, render, template_supports_tools
-from tunehouse.inference import tools as tool_calls
+from tunehouse.data.chat import normalize_messages, render, template_supports_tools, with_preamble
 from tunehouse.inference.constrained import GrammarMatcher, build_tokenizer, validate_response_format
 from tunehouse.inference.engine import (
     ChatResult,
@@ -615,7 +614,7 @@ class HFEngine(InferenceEngine):
     def _prompt_ids(self, base: _Base, messages: list[dict], tools: list | None) -> list[int]:
         msgs = normalize_messages(messages, template_has_tools=base.has_tools)
         if tools and not base.has_tools:
-            msgs, tools = tool_calls.with_preamble(msgs, tools), None
+            msgs, tools = with_preamble(msgs, tools), None
         with base.tokenizer_lock:  # encoding may reconfigure the Rust tokenizer ("Already borrowed")
             text = render(base.tokenizer, msgs, add_generation_prompt=True, tools=tools)
             return base.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -9,7 +9,8 @@ fine-tuned on tool-call examples answers in the format this module parses:
 
 Chat templates that render tools themselves (their template mentions `tool_calls`) get the tools
 through `apply_chat_template(tools=...)`. Templates that do not (SmolLM2's ChatML) get the tools as
-a preamble appended to the system message, `TOOLS_PREAMBLE` below (the Hermes / Qwen 2.5 wording).
+a preamble appended to the system message, `tunehouse.data.chat.TOOLS_PREAMBLE` (the Hermes / Qwen 2.5
+wording), as training does, so a model fine-tuned on tool calls sees the prompt it was trained on.
 
 `tool_choice`:
 - "none": the tools are left out of the prompt and the output is plain text.
@@ -34,20 +35,6 @@ from tunehouse.inference.constrained import InvalidResponseFormat, compile_lark,
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-
-TOOLS_PREAMBLE = """# Tools
-
-You may call one or more functions to assist with the user query.
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{tools}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{{"name": <function-name>, "arguments": <args-json-object>}}
-</tool_call>"""
 
 
 class InvalidTools(ValueError):
@@ -139,21 +126,6 @@ def validate(tools: list | None, tool_choice: str | dict | None, parallel: bool 
     if spec.choice in ("required", "named"):
         grammar(spec)  # a parameters schema that does not compile is the client's error
     return spec
-
-
-def preamble(tools: list[dict]) -> str:
-    return TOOLS_PREAMBLE.format(tools="\n".join(json.dumps(t) for t in tools))
-
-
-def with_preamble(messages: list[dict], tools: list[dict]) -> list[dict]:
-    """The messages with the tools preamble appended to the system message (or as a first one).
-    Call with normalized messages (roles system/user/assistant/tool, text content)."""
-    text = preamble(tools)
-    if messages and messages[0].get("role") == "system":
-        first = dict(messages[0])
-        first["content"] = (first.get("content") or "").rstrip() + "\n\n" + text
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
 
 
 def grammar(spec: ToolSpec) -> str:
