@@ -70,6 +70,29 @@ def test_concurrent_jobs_quota_refuses_the_next_job_and_creates_nothing(idle_ser
     assert client.fine_tuning.jobs.create(model=TINY_MODEL, training_file=f.id).status == "validating_files"
 
 
+def test_requests_racing_for_the_last_job_slot_admit_exactly_one(idle_server, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = create_org_key(idle_server.settings, "acme")
+    client = idle_server.client(key)
+    cli(idle_server.settings, "quotas", "set", "--org", "acme", "--max-concurrent-jobs", "1")
+    f = client.files.create(
+        file=write_jsonl(tmp_path / "t.jsonl", arithmetic_lines()).open("rb"), purpose="fine-tune"
+    )
+
+    def create(_):
+        try:
+            return client.fine_tuning.jobs.create(model=TINY_MODEL, training_file=f.id).id
+        except openai.RateLimitError as e:
+            return e.body["code"]
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(create, range(8)))
+    created = [o for o in outcomes if o.startswith("ftjob-")]
+    assert len(created) == 1 and outcomes.count("quota_exceeded") == 7, outcomes
+    assert [j.id for j in client.fine_tuning.jobs.list()] == created
+
+
 def test_training_tokens_per_day_are_estimated_at_creation_and_reserved(idle_server, tmp_path):
     key = create_org_key(idle_server.settings, "acme")
     client = idle_server.client(key)

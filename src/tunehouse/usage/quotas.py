@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from tunehouse.config import Settings
 from tunehouse.errors import RateLimited
 from tunehouse.jobs import status as st
-from tunehouse.store.tables import File, Job, OrganizationQuota, now
+from tunehouse.store.tables import File, Job, Organization, OrganizationQuota, now
 from tunehouse.usage.records import training_tokens_on, utc_day
 
 UNLIMITED = -1  # stored in an override: no limit, whatever the default
@@ -245,18 +245,34 @@ def admit_job(
     from tunehouse.usage.prices import price_for
 
     quotas = effective_quotas(settings, session, organization_id)
-    check_concurrent_jobs(quotas, session, organization_id)
     price = price_for(settings, base_model).training
     billing: dict = {"training_price": price}
+    tokens = None
     if quotas.max_training_tokens_per_day is not None:
-        # Only then is the file read here: counting tokens takes a tokenizer pass over it.
+        # Only then is the file read here: counting tokens takes a tokenizer pass over it (before
+        # the lock below, so that the lock is held for milliseconds).
         tokens = estimate_tokens(
             settings, train_path=train_path(), base_model=base_model, method=method, n_epochs=n_epochs
         )
-        if tokens is not None:
-            check_training_tokens(quotas, session, organization_id, tokens)
-            billing |= {"estimated_tokens": tokens, "estimated_cost": round(tokens * price / 1e6, 10)}
+    if quotas.max_concurrent_jobs is not None or tokens is not None:
+        lock_admissions(session, organization_id)
+    check_concurrent_jobs(quotas, session, organization_id)
+    if tokens is not None:
+        check_training_tokens(quotas, session, organization_id, tokens)
+        billing |= {"estimated_tokens": tokens, "estimated_cost": round(tokens * price / 1e6, 10)}
     return billing
+
+
+def lock_admissions(session: Session, organization_id: str) -> None:
+    """Admit one job of this organization at a time, until the caller's transaction ends: two
+    requests racing for the last slot (or the last tokens of the day) cannot both count the use
+    before either has written its job. PostgreSQL: the organization's row, locked. SQLite: a write,
+    which takes the database's write lock (its reads run outside transactions)."""
+    org = Organization.id == organization_id
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Organization.id).where(org).with_for_update())
+    else:
+        session.execute(update(Organization).where(org).values(slug=Organization.slug))
 
 
 def estimate_columns(job: Job, estimate: dict | None) -> dict:
