@@ -39,13 +39,19 @@ def _jobs_and_events(server, key):
     return jobs, events
 
 
-def test_concurrent_jobs_quota_refuses_the_next_job_and_creates_nothing(idle_server, tmp_path):
-    key = create_org_key(idle_server.settings, "acme")
-    client = idle_server.client(key)
-    cli(idle_server.settings, "quotas", "set", "--org", "acme", "--max-concurrent-jobs", "1")
+def _one_job_slot(server, tmp_path):
+    """Organization acme with `max_concurrent_jobs` 1: its key, a client, an uploaded training file."""
+    key = create_org_key(server.settings, "acme")
+    client = server.client(key)
+    cli(server.settings, "quotas", "set", "--org", "acme", "--max-concurrent-jobs", "1")
     f = client.files.create(
         file=write_jsonl(tmp_path / "t.jsonl", arithmetic_lines()).open("rb"), purpose="fine-tune"
     )
+    return key, client, f
+
+
+def test_concurrent_jobs_quota_refuses_the_next_job_and_creates_nothing(idle_server, tmp_path):
+    key, client, f = _one_job_slot(idle_server, tmp_path)
     first = client.fine_tuning.jobs.create(model=TINY_MODEL, training_file=f.id)
     jobs_before, events_before = _jobs_and_events(idle_server, key)
 
@@ -73,12 +79,7 @@ def test_concurrent_jobs_quota_refuses_the_next_job_and_creates_nothing(idle_ser
 def test_requests_racing_for_the_last_job_slot_admit_exactly_one(idle_server, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    key = create_org_key(idle_server.settings, "acme")
-    client = idle_server.client(key)
-    cli(idle_server.settings, "quotas", "set", "--org", "acme", "--max-concurrent-jobs", "1")
-    f = client.files.create(
-        file=write_jsonl(tmp_path / "t.jsonl", arithmetic_lines()).open("rb"), purpose="fine-tune"
-    )
+    _, client, f = _one_job_slot(idle_server, tmp_path)
 
     def create(_):
         try:
