@@ -13,7 +13,10 @@ by default) and in the engine's dtype (bf16 where the CPU has AMX), so the ratio
 from the dtype and what from the batching. The base is the real default model, resolved through
 `tunehouse.catalog` (converted from the installed GGUF once; no downloads). Timings on a shared
 machine are noisy: the contenders are measured in turn, `--repeats` rounds, and each keeps its best;
-compare ratios within one run. The last line gives the ratios against the faster of the two plain runs.
+compare ratios within one run. The last lines give the ratios against the faster of the two plain runs.
+
+Our engine runs twice too: as served by default, and with `TUNEHOUSE_INFERENCE_QUANTIZATION=int8`
+(weight-only int8 base weights; `--no-int8` leaves it out).
 
 Each contender lives in a process of its own. In one process they would slow each other down: once
 two threads have run multi-threaded torch ops (plain `generate` in the main thread, our engine in its

@@ -44,11 +44,16 @@ DATABASE_FIXTURES = {"settings", "shared_server", "world"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """The PostgreSQL pass runs only the tests that use the database: the others ran, identically,
-    in the SQLite pass (scripts/test.sh runs both)."""
+    """The PostgreSQL pass runs only the tests that use the database, less those marked
+    `one_database`: the others ran, identically, in the SQLite pass (scripts/test.sh runs both)."""
     if not PG_ADMIN_URL:
         return
-    keep = [item for item in items if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    keep = [
+        item
+        for item in items
+        if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("one_database") is None
+    ]
     if len(keep) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in keep])
         items[:] = keep

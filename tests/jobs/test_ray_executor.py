@@ -164,6 +164,7 @@ def _losses(client, job_id) -> list[tuple[int, float]]:
     )
 
 
+@pytest.mark.one_database  # the loss curves of 1 and 2 workers; the one-worker test runs on both
 def test_two_ray_train_workers_train_a_job_as_one_process_does(api, tmp_path):
     """TUNEHOUSE_RAY_TRAIN_WORKERS=2: two data-parallel runners (gloo, CPU) under Ray Train's
     TorchTrainer split every step and sum their gradients: the same steps and the same loss curve
