@@ -182,7 +182,8 @@ class Worker:
                 gpus=queue.gpus_required(self.db, job_id) if phase == "train" else 0,
             )
         except Exception:
-            # Could not start it (the Ray cluster went away, ...): hand the job back at once.
+            # Could not start it (the Ray cluster went away, ...): hand the job back, to run again
+            # after the backoff.
             log.exception("job %s: could not start %s", job_id, phase)
             if (attempts := queue.attempts(self.db, job_id)) < MAX_ATTEMPTS:
                 delay = queue.retry_delay(self.settings.job_retry_seconds, attempts)
