@@ -115,20 +115,23 @@ def test_a_killed_training_process_resumes_from_its_saved_state(settings, tmp_pa
         assert any(m.startswith("Fine-tuning job resumed from step ") for m in messages)
 
 
-def test_dpo_job_on_preference_data(server, client, tmp_path):
-    import json
+# Preference lines for the DPO tests: a warm greeting preferred over a curt one.
+GREETING_PAIRS = [
+    json.dumps(
+        {
+            "input": {"messages": [{"role": "user", "content": f"Greet customer {i}."}]},
+            "preferred_output": [{"role": "assistant", "content": f"Hello customer {i}, welcome!"}],
+            "non_preferred_output": [{"role": "assistant", "content": "What do you want?"}],
+        }
+    )
+    for i in range(12)
+]
 
-    pairs = [
-        json.dumps(
-            {
-                "input": {"messages": [{"role": "user", "content": f"Greet customer {i}."}]},
-                "preferred_output": [{"role": "assistant", "content": f"Hello customer {i}, welcome!"}],
-                "non_preferred_output": [{"role": "assistant", "content": "What do you want?"}],
-            }
-        )
-        for i in range(12)
-    ]
-    f = client.files.create(file=write_jsonl(tmp_path / "pref.jsonl", pairs).open("rb"), purpose="fine-tune")
+
+def test_dpo_job_on_preference_data(server, client, tmp_path):
+    f = client.files.create(
+        file=write_jsonl(tmp_path / "pref.jsonl", GREETING_PAIRS).open("rb"), purpose="fine-tune"
+    )
     job = client.fine_tuning.jobs.create(
         model=TINY_MODEL,
         training_file=f.id,
@@ -256,16 +259,6 @@ def test_full_fine_tuning_end_to_end(settings, tmp_path):
 
 
 def test_dpo_from_a_fine_tuned_model(server, client, tmp_path):
-    pairs = [
-        json.dumps(
-            {
-                "input": {"messages": [{"role": "user", "content": f"Greet customer {i}."}]},
-                "preferred_output": [{"role": "assistant", "content": f"Hello customer {i}, welcome!"}],
-                "non_preferred_output": [{"role": "assistant", "content": "What do you want?"}],
-            }
-        )
-        for i in range(12)
-    ]
     chat = client.files.create(file=write_jsonl(tmp_path / "t.jsonl", SHORT).open("rb"), purpose="fine-tune")
     sft = client.fine_tuning.jobs.create(
         model=TINY_MODEL,
@@ -276,7 +269,9 @@ def test_dpo_from_a_fine_tuned_model(server, client, tmp_path):
     sft = wait_for_job(client, sft.id)
     assert sft.status == "succeeded", sft.error
 
-    pref = client.files.create(file=write_jsonl(tmp_path / "p.jsonl", pairs).open("rb"), purpose="fine-tune")
+    pref = client.files.create(
+        file=write_jsonl(tmp_path / "p.jsonl", GREETING_PAIRS).open("rb"), purpose="fine-tune"
+    )
     job = client.fine_tuning.jobs.create(
         model=sft.fine_tuned_model,
         training_file=pref.id,

@@ -652,14 +652,18 @@ def _check_tools(obj: dict, prefix: str, out: Found) -> tuple[bool, set[str] | N
     return parallel, names
 
 
+def _not_an_object(obj: Any) -> Found | None:
+    """The problem of a line that is not a JSON object (nothing else can be checked then)."""
+    if isinstance(obj, dict):
+        return None
+    return [("data_type", "error", None, f"line is {_type_name(obj)}; each line must be a JSON object")]
+
+
 def check_chat_example(obj: Any) -> Found:
     """Problems of one supervised (chat) line, already parsed."""
+    if (problem := _not_an_object(obj)) is not None:
+        return problem
     out: Found = []
-    if not isinstance(obj, dict):
-        out.append(
-            ("data_type", "error", None, f"line is {_type_name(obj)}; each line must be a JSON object")
-        )
-        return out
     for key in obj:
         if key not in CHAT_KEYS:
             out.append(
@@ -741,12 +745,9 @@ def _check_output(value: Any, key: str, out: Found) -> dict | None:
 
 def check_preference_example(obj: Any) -> Found:
     """Problems of one DPO (preference) line, already parsed."""
+    if (problem := _not_an_object(obj)) is not None:
+        return problem
     out: Found = []
-    if not isinstance(obj, dict):
-        out.append(
-            ("data_type", "error", None, f"line is {_type_name(obj)}; each line must be a JSON object")
-        )
-        return out
     for key in obj:
         if key in ("preferred_completion", "non_preferred_completion"):
             new = key.replace("completion", "output")
