@@ -67,7 +67,7 @@ from tunehouse.inference.engine import (
     Usage,
 )
 from tunehouse.inference.lora import MultiLora
-from tunehouse.inference.quantize import int8_supported, quantize_int8
+from tunehouse.inference.quantize import CALIBRATION_CHAT, int8_supported, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ class HFEngine(InferenceEngine):
             raise ValueError(f"unknown quantization {quantization!r}; use none or int8")
         if quantization == "int8" and not int8_supported(self.device, self.dtype):
             raise ValueError(
-                f"int8 quantization needs bf16 on the CPU (here: {self.dtype} on {self.device.type})"
+                f"int8 quantization needs bf16 or fp32 on the CPU (here: {self.dtype} on {self.device.type})"
             )
         self.quantization = quantization
         self.max_adapters = max_adapters
@@ -649,7 +649,7 @@ class HFEngine(InferenceEngine):
         model = AutoModelForCausalLM.from_pretrained(base.path, dtype=self.dtype)
         model.to(self.device).eval().requires_grad_(False)
         if self.quantization == "int8":
-            quantize_int8(model)
+            quantize_int8(model, self._prompt_ids(base, CALIBRATION_CHAT, None))
         head = model.get_output_embeddings()
         if head is not None:
             # The head sees the last position of each row, a strided slice; as such matmul can take a
