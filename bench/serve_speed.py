@@ -16,7 +16,8 @@ machine are noisy: the contenders are measured in turn, `--repeats` rounds, and 
 compare ratios within one run. The last lines give the ratios against the faster of the two plain runs.
 
 Our engine runs twice too: as served by default, and with `TUNEHOUSE_INFERENCE_QUANTIZATION=int8`
-(weight-only int8 base weights; `--no-int8` leaves it out).
+(int8 base weights: weight-only on a bf16 model, int8 activations too on an fp32 one;
+`--no-int8` leaves it out).
 
 Each contender lives in a process of its own. In one process they would slow each other down: once
 two threads have run multi-threaded torch ops (plain `generate` in the main thread, our engine in its
@@ -306,7 +307,7 @@ def main() -> None:
         for contender in contenders.values():
             contender.close()
     ours = {
-        f"tunehouse ({'int8 weights' if name.endswith('int8') else best(measured[name])['dtype']}, 4 adapters)": best(
+        f"tunehouse ({best(measured[name])['dtype']}{' int8' if name.endswith('int8') else ''}, 4 adapters)": best(
             measured.pop(name)
         )
         for name in [n for n in measured if n.startswith("tunehouse")]
