@@ -51,6 +51,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 from transformers.cache_utils import DynamicLayer
 
 from tunehouse.data.chat import normalize_messages, render, template_supports_tools, with_preamble
+from tunehouse.hardware import cpu_has_fast_bf16
 from tunehouse.inference.constrained import GrammarMatcher, build_tokenizer, validate_response_format
 from tunehouse.inference.engine import (
     ChatResult,
@@ -79,17 +80,6 @@ _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
 }
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX (or AVX-512 BF16) makes bf16 matmuls faster than fp32 on this CPU."""
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, probe, None)
-        with contextlib.suppress(Exception):
-            if fn is not None and fn():
-                return True
-    return False
 
 
 def resolve_device(device: str) -> torch.device:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from tunehouse.hardware import cpu_has_fast_bf16
 from tunehouse.training.hparams import LORA_TARGET_MODULES, Hyperparameters, base_learning_rate
 
 logger = logging.getLogger(__name__)
@@ -151,16 +152,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX tiles (Sapphire Rapids+) or AVX512-BF16 (Cooper Lake, Zen 4+): oneDNN runs bf16
-    matmuls natively there, 2-6x faster than fp32. Elsewhere bf16 is emulated and slower."""
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def resolve_dtype(dtype: str, device: str):
