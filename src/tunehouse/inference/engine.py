@@ -93,6 +93,22 @@ class Usage:
     completion_tokens: int
 
 
+@dataclass
+class PartialChoice:
+    """One choice gathered from its streamed pieces, for callers that answer with whole choices."""
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # None until its last piece: then a cut-off counts as "length"
+
+    def add(self, item: Delta) -> None:
+        self.text += item.text
+        self.logprobs += item.logprobs or []
+        if item.finish_reason:
+            self.finish_reason = item.finish_reason
+
+
 Event = Delta | Usage | BaseException
 """What a running request hands its listener: deltas, then exactly one Usage; or one exception."""
 

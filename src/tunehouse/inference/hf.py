@@ -62,6 +62,7 @@ from tunehouse.inference.engine import (
     InferenceEngine,
     InvalidLogitBias,
     ModelRef,
+    PartialChoice,
     SamplingParams,
     TokenLogprob,
     TopLogprob,
@@ -500,26 +501,21 @@ class HFEngine(InferenceEngine):
         return req
 
     def generate(self, model: ModelRef, prompt: list[int], params: SamplingParams) -> ChatResult:
-        texts: dict[int, list[str]] = {i: [] for i in range(params.n)}
-        finish: dict[int, str] = {}
-        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(params.n)}
+        parts = [PartialChoice(i) for i in range(params.n)]
         usage = None
         for item in self.stream(model, prompt, params):
             if isinstance(item, Usage):
                 usage = item
-                continue
-            texts[item.index].append(item.text)
-            logprobs[item.index] += item.logprobs or []
-            if item.finish_reason:
-                finish[item.index] = item.finish_reason
+            else:
+                parts[item.index].add(item)
         choices = [
             Choice(
-                index=i,
-                text="".join(texts[i]),
-                finish_reason=finish.get(i, "length"),
-                logprobs=logprobs[i] if params.logprobs else None,
+                index=p.index,
+                text=p.text,
+                finish_reason=p.finish_reason or "length",
+                logprobs=p.logprobs if params.logprobs else None,
             )
-            for i in range(params.n)
+            for p in parts
         ]
         return ChatResult(
             choices=choices, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens

@@ -41,6 +41,7 @@ from tunehouse.inference.engine import (
     Delta,
     InvalidLogitBias,
     ModelRef,
+    PartialChoice,
     SamplingParams,
     TokenLogprob,
     Usage,
@@ -259,20 +260,14 @@ async def complete(
 ) -> ChatCompletion:
     params = sampling_params(req, spec)
     running = await submit(engine, model, await _prompt(engine, model, req, spec), params)
-    n = params.n
-    texts: list[list[str]] = [[] for _ in range(n)]
-    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    finish = ["length"] * n
+    parts = [PartialChoice(i) for i in range(params.n)]
     usage = None
     try:
         async for item in running.events():
             if isinstance(item, Usage):
                 usage = item
-                continue
-            texts[item.index].append(item.text)
-            logprobs[item.index] += item.logprobs or []
-            if item.finish_reason:
-                finish[item.index] = item.finish_reason
+            else:
+                parts[item.index].add(item)
     except REQUEST_ERRORS as e:
         raise engine_error(e, model) from None
     finally:
@@ -281,8 +276,8 @@ async def complete(
     await run_in_threadpool(meter, state, principal, req.model, usage.prompt_tokens, usage.completion_tokens)
 
     choices = []
-    for i in range(n):
-        text, reason, calls = "".join(texts[i]), finish[i], []
+    for part in parts:
+        text, reason, calls = part.text, part.finish_reason or "length", []
         if spec is not None and spec.parse:
             text, calls = tool_calls.parse(text, spec.names)
             if calls and reason == "stop":
@@ -295,8 +290,8 @@ async def complete(
             ]
             or None,
         )
-        lp = ChoiceLogprobs(content=wire_logprobs(logprobs[i])) if params.logprobs else None
-        choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=reason))
+        lp = ChoiceLogprobs(content=wire_logprobs(part.logprobs)) if params.logprobs else None
+        choices.append(ChatChoice(index=part.index, message=message, logprobs=lp, finish_reason=reason))
     return ChatCompletion(
         id=ids.completion_id(),
         created=int(time.time()),

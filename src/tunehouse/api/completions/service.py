@@ -34,7 +34,7 @@ from tunehouse.api.completions.protocol import (
     CompletionRequest,
 )
 from tunehouse.errors import InvalidRequest
-from tunehouse.inference.engine import Delta, ModelRef, SamplingParams, TokenLogprob, Usage
+from tunehouse.inference.engine import Delta, ModelRef, PartialChoice, SamplingParams, TokenLogprob, Usage
 
 
 def check_supported(req: CompletionRequest) -> None:
@@ -100,19 +100,10 @@ def _encode(engine, model: ModelRef, prompts: list[str | list[int]]) -> list[tup
     return out
 
 
-class _Choice:
+class _Choice(PartialChoice):
     def __init__(self, index: int, echo: str):
-        self.index = index
-        self.text = echo
+        super().__init__(index=index, text=echo)  # `echo`: the prompt leads the choice's text
         self.echo_len = len(echo)
-        self.logprobs: list[TokenLogprob] = []
-        self.finish_reason: str | None = None
-
-    def add(self, item: Delta) -> None:
-        self.logprobs += item.logprobs or []
-        self.text += item.text
-        if item.finish_reason:
-            self.finish_reason = item.finish_reason
 
 
 def legacy_logprobs(entries: list[TokenLogprob], start: int) -> CompletionLogprobs:
