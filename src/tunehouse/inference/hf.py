@@ -53,6 +53,7 @@ from transformers.cache_utils import DynamicLayer
 from tunehouse.data.chat import normalize_messages, render, template_supports_tools, with_preamble
 from tunehouse.hardware import cpu_has_fast_bf16
 from tunehouse.inference.constrained import GrammarMatcher, build_tokenizer, validate_response_format
+from tunehouse.inference.decode import LlamaDecoder, fast_decoder
 from tunehouse.inference.engine import (
     ChatResult,
     Choice,
@@ -199,6 +200,7 @@ class _Base:
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     model: Any = None  # the transformers model (its LoRA-targeted layers wrapped once adapters load)
     lora: MultiLora | None = None  # the loaded adapters, created with the model
+    decoder: LlamaDecoder | None = None  # the fast decode step, where the architecture has one
     adapters: OrderedDict[str, int] = field(default_factory=OrderedDict)  # adapter folder → slot, LRU order
     grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built on first structured request
     token_bytes: dict[int, bytes] = field(default_factory=dict)  # for logprobs
@@ -644,6 +646,7 @@ class HFEngine(InferenceEngine):
             head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
         base.model = model
         base.lora = MultiLora(model, self.max_adapters)
+        base.decoder = fast_decoder(model)
         log.info("loaded base model %s in %.1f s", base.path, time.perf_counter() - t0)
 
     def _ensure_adapter(self, base: _Base, adapter_path: Path | None, in_use: set[int]) -> int:
@@ -676,6 +679,11 @@ class HFEngine(InferenceEngine):
     def _forward(self, base: _Base, ids, mask, positions, cache, adapters: list[int]) -> torch.Tensor:
         """One forward pass over a batch; the logits of each row's last position, in fp32."""
         base.lora.set_rows(adapters)
+        if ids.shape[1] == 1 and base.decoder is not None:  # a decode step
+            logits = base.decoder.step(
+                ids.to(self.device), positions.to(self.device), mask.to(self.device), cache
+            )
+            return logits.float().cpu()
         out = base.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),

@@ -1,0 +1,101 @@
+"""The fast decode step (`tunehouse.inference.decode`) computes what transformers' forward computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.inference.test_hf_engine import MESSAGES, adapters, greedy  # noqa: F401
+from tests.inference.test_quantize import _calibration_ids, _model
+from tunehouse.inference.decode import LlamaDecoder, fast_decoder
+from tunehouse.inference.engine import ModelRef
+from tunehouse.inference.hf import HFEngine, _new_cache
+from tunehouse.inference.lora import MultiLora
+from tunehouse.inference.quantize import quantize_int8
+
+# Three prompts of different lengths, left-padded as the engine pads them.
+PROMPTS = [[1, 5, 9, 42, 7, 3, 11, 2], [4, 8, 15, 16], [23, 42, 99, 100, 101, 7]]
+
+
+def _decode_both_ways(model, decoder: LlamaDecoder, steps: int = 6):
+    """Prefill the prompts, then decode `steps` tokens with transformers' forward and with the
+    decoder, each from its own copy of the prefilled cache, feeding both the same tokens."""
+    length = max(map(len, PROMPTS))
+    ids = torch.zeros((len(PROMPTS), length), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(PROMPTS):
+        ids[i, length - len(p) :], mask[i, length - len(p) :] = torch.tensor(p), 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches, next_ids = [], None
+    with torch.inference_mode():
+        for _ in range(2):
+            cache = _new_cache(model.config)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+            caches.append(cache)
+            next_ids = out.logits[:, -1:].argmax(-1)
+        theirs, ours = [], []
+        position = positions[:, -1:]
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones((len(PROMPTS), 1))], dim=1)
+            position = position + 1
+            want = model(
+                input_ids=next_ids, attention_mask=mask, position_ids=position, past_key_values=caches[0]
+            ).logits[:, -1]
+            got = decoder.step(next_ids, position, mask, caches[1])
+            theirs.append(want)
+            ours.append(got)
+            next_ids = want.argmax(-1, keepdim=True)
+    return torch.stack(theirs), torch.stack(ours)
+
+
+def test_fp32_decode_steps_equal_transformers_with_padding_and_adapters(tiny_model_dir, adapters):  # noqa: F811
+    model = _model(tiny_model_dir, torch.float32)
+    lora = MultiLora(model, n_slots=2)
+    a, b = lora.load(adapters[0]), lora.load(adapters[1])
+    lora.set_rows([a, -1, b])  # every row a different adapter (or none)
+    decoder = fast_decoder(model)
+    assert isinstance(decoder, LlamaDecoder)
+    want, got = _decode_both_ways(model, decoder)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_and_bf16_decode_steps_stay_with_transformers(tiny_model_dir):
+    int8 = _model(tiny_model_dir, torch.float32)
+    quantize_int8(int8, _calibration_ids(tiny_model_dir))
+    want, got = _decode_both_ways(int8, fast_decoder(int8))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    bf16 = _model(tiny_model_dir, torch.bfloat16)  # norms through the model's own modules
+    want, got = _decode_both_ways(bf16, fast_decoder(bf16))
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"), [("model_type", "mistral"), ("hidden_act", "gelu"), ("pretraining_tp", 2)]
+)
+def test_architectures_it_was_not_checked_against_keep_transformers_forward(tiny_model_dir, attribute, value):
+    model = _model(tiny_model_dir, torch.float32)
+    setattr(model.config, attribute, value)
+    assert fast_decoder(model) is None
+
+
+def test_the_engine_decodes_with_it_and_answers_as_transformers_would(tiny_model_dir, adapters):  # noqa: F811
+    engine = HFEngine(dtype="float32")
+
+    def answers():  # text and each token's logprob, for the base and an adapter
+        results = [engine.chat(m, MESSAGES, greedy(12, logprobs=True)).choices[0] for m in (base, tuned)]
+        return [(c.text, [e.logprob for e in c.logprobs]) for c in results]
+
+    try:
+        base = ModelRef(name="tiny", base_path=tiny_model_dir)
+        tuned = ModelRef(name="ft:tiny", base_path=tiny_model_dir, adapter_path=adapters[0])
+        fast = answers()
+        loaded = engine._base(tiny_model_dir)
+        assert isinstance(loaded.decoder, LlamaDecoder)
+        loaded.decoder = None  # transformers' forward for every step from here on
+        slow = answers()
+        for (fast_text, fast_logprobs), (slow_text, slow_logprobs) in zip(fast, slow, strict=True):
+            assert fast_text == slow_text
+            assert fast_logprobs == pytest.approx(slow_logprobs, abs=1e-4)
+        assert fast[0] != fast[1]
+    finally:
+        engine.close()
