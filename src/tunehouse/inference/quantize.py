@@ -94,6 +94,7 @@ class _SharedInput:
         self.outlier_weight = weight[:, self.outliers].t().contiguous()  # [outliers, out]
         self.qweight, self.scales = _quantize_channels(weight * keep)
         self.dequant = self.scales / 127.0  # with a row's peak: the product's scale
+        self.qweight_t = self.qweight.t()  # [in, out] view: `_int_mm`'s fast layout
         biases = [linear.bias for linear in linears]
         self.bias = (
             None
@@ -124,12 +125,15 @@ class _SharedInput:
         inner = rows * self.keep
         # abs().amax(): linalg.vector_norm(ord=inf) is several times slower on a batch of rows.
         peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)  # each row's scale is peak / 127
-        quantized = inner.mul_(127.0 / peak).round_().to(torch.int8)
-        out = torch._int_mm(quantized, self.qweight.t()).mul(peak).mul_(self.dequant)
+        # In place, and no `127 / peak` (a Python-level reversed division): every op counts at one row.
+        quantized = inner.mul_(127.0).div_(peak).round_().to(torch.int8)
+        out = torch._int_mm(quantized, self.qweight_t).mul(peak).mul_(self.dequant)
         out = out.addmm_(rows.index_select(1, self.outliers), self.outlier_weight)
         if self.bias is not None:
             out += self.bias
         out = out.reshape(*x.shape[:-1], out.shape[-1])
+        if len(self.spans) == 1:
+            return [out]
         return [out[..., start:end] for start, end in self.spans]
 
 
