@@ -17,13 +17,13 @@ from tunehouse.inference.quantize import quantize_int8
 PROMPTS = [[1, 5, 9, 42, 7, 3, 11, 2], [4, 8, 15, 16], [23, 42, 99, 100, 101, 7]]
 
 
-def _decode_both_ways(model, decoder: LlamaDecoder, steps: int = 6):
+def _decode_both_ways(model, decoder: LlamaDecoder, steps: int = 6, prompts=PROMPTS):
     """Prefill the prompts, then decode `steps` tokens with transformers' forward and with the
     decoder, each from its own copy of the prefilled cache, feeding both the same tokens."""
-    length = max(map(len, PROMPTS))
-    ids = torch.zeros((len(PROMPTS), length), dtype=torch.long)
+    length = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), length), dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, p in enumerate(PROMPTS):
+    for i, p in enumerate(prompts):
         ids[i, length - len(p) :], mask[i, length - len(p) :] = torch.tensor(p), 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     caches, next_ids = [], None
@@ -36,7 +36,7 @@ def _decode_both_ways(model, decoder: LlamaDecoder, steps: int = 6):
         theirs, ours = [], []
         position = positions[:, -1:]
         for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones((len(PROMPTS), 1))], dim=1)
+            mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
             position = position + 1
             want = model(
                 input_ids=next_ids, attention_mask=mask, position_ids=position, past_key_values=caches[0]
@@ -56,6 +56,9 @@ def test_fp32_decode_steps_equal_transformers_with_padding_and_adapters(tiny_mod
     decoder = fast_decoder(model)
     assert isinstance(decoder, LlamaDecoder)
     want, got = _decode_both_ways(model, decoder)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # No padding at all: attention runs without a mask.
+    want, got = _decode_both_ways(model, decoder, prompts=[p[:4] for p in PROMPTS])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
