@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from serve_speed import PROMPTS as SERVE_PROMPTS  # bench/ is on the path when run as a script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunehouse.catalog import ensure_default_model
@@ -26,10 +27,7 @@ from tunehouse.inference.quantize import CALIBRATION_CHAT, quantize_int8
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
-    "Write a short story about a dragon who learns to bake bread.",
-    "Explain how a refrigerator works to a ten year old.",
-    "List some tips for staying focused while studying.",
-    "Describe the city of Paris in spring.",
+    *SERVE_PROMPTS,
     "What is 17 times 23? Show your working.",
     "Give me a JSON object with keys name and age for a fictional person.",
 ]
