@@ -8,7 +8,8 @@ them first, in the caller's thread) and the thread loops:
      batch of that base (its KV cache padded on the left to a common length);
   2. one decode step for every active sequence of a base, in one forward pass, whatever adapter
      each one uses (`tunehouse.inference.lora`: every loaded adapter sits in a slot of each
-     LoRA-targeted layer and a per-row mask picks it; the base model is slot -1);
+     LoRA-targeted layer and a per-row mask picks it; the base model is slot -1), through
+     `tunehouse.inference.decode` where the architecture allows (Llama), else transformers' forward;
   3. sample each sequence with its own parameters (penalties, logit_bias, grammar mask,
      temperature, top_p, its own seeded generator), hand out the new text, and drop the sequences
      that finished or whose request was cancelled (a closed stream), so their slots free at once.
