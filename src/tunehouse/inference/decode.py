@@ -6,7 +6,8 @@ matmuls counts: transformers' forward builds a 4D mask, computes the rotary tabl
 its attention-interface dispatch, output-recording hooks and keyword plumbing in every layer, and
 normalises with seven ops where `F.rms_norm` does one. `LlamaDecoder.step` computes the same
 thing in a plain loop over the same modules (so LoRA slots and int8 layers work unchanged) and the
-same KV cache: 2-3 ms less per step for SmolLM2-135M here, ~10% of a one-stream step. On fp32 its
+same KV cache: about 3 ms less per step for SmolLM2-135M on a 2-core CPU, 10-15% of a
+one-stream step. On fp32 its
 logits equal transformers' bit for bit (tests/inference/test_decode.py); prompts (prefill) still go
 through transformers.
 
