@@ -441,7 +441,7 @@ class HFEngine(InferenceEngine):
             "transformers engine on %s in %s%s",
             self.device,
             str(self.dtype).removeprefix("torch."),
-            ", int8 weights" if quantization == "int8" else "",
+            ", int8" if quantization == "int8" else "",  # weights only on bf16, activations too on fp32
         )
 
     # ---- public API: prompts ---------------------------------------------------------------------
