@@ -17,9 +17,10 @@ from tunehouse.inference.quantize import quantize_int8
 PROMPTS = [[1, 5, 9, 42, 7, 3, 11, 2], [4, 8, 15, 16], [23, 42, 99, 100, 101, 7]]
 
 
-def _decode_both_ways(model, decoder: LlamaDecoder, steps: int = 6, prompts=PROMPTS):
+def _decode_both_ways(model, decoder: LlamaDecoder, steps: int = 6, prompts=PROMPTS, kv_dtype=None):
     """Prefill the prompts, then decode `steps` tokens with transformers' forward and with the
-    decoder, each from its own copy of the prefilled cache, feeding both the same tokens."""
+    decoder, each from its own copy of the prefilled cache (the decoder's kept in `kv_dtype`),
+    feeding both the same tokens."""
     length = max(map(len, prompts))
     ids = torch.zeros((len(prompts), length), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -28,8 +29,8 @@ def _decode_both_ways(model, decoder: LlamaDecoder, steps: int = 6, prompts=PROM
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     caches, next_ids = [], None
     with torch.inference_mode():
-        for _ in range(2):
-            cache = _new_cache(model.config)
+        for store in (None, kv_dtype):
+            cache = _new_cache(model.config, store)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
             caches.append(cache)
             next_ids = out.logits[:, -1:].argmax(-1)
@@ -67,8 +68,11 @@ def test_int8_and_bf16_decode_steps_stay_with_transformers(tiny_model_dir):
     quantize_int8(int8, _calibration_ids(tiny_model_dir))
     want, got = _decode_both_ways(int8, fast_decoder(int8))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    bf16 = _model(tiny_model_dir, torch.bfloat16)  # norms through the model's own modules
+    bf16 = _model(tiny_model_dir, torch.bfloat16)
     want, got = _decode_both_ways(bf16, fast_decoder(bf16))
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+    # As the engine runs bf16 on a CPU: the cache in fp32, attention as fp32 matmuls.
+    want, got = _decode_both_ways(bf16, fast_decoder(bf16), kv_dtype=torch.float32)
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
 
 
@@ -81,8 +85,14 @@ def test_architectures_it_was_not_checked_against_keep_transformers_forward(tiny
     assert fast_decoder(model) is None
 
 
-def test_the_engine_decodes_with_it_and_answers_as_transformers_would(tiny_model_dir, adapters):  # noqa: F811
-    engine = HFEngine(dtype="float32")
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-4), ("bfloat16", 0.05)])
+def test_the_engine_decodes_with_it_and_answers_as_transformers_would(
+    tiny_model_dir,
+    adapters,  # noqa: F811
+    dtype,
+    tolerance,
+):
+    engine = HFEngine(dtype=dtype, device="cpu")
 
     def answers():  # text and each token's logprob, for the base and an adapter
         results = [engine.chat(m, MESSAGES, greedy(12, logprobs=True)).choices[0] for m in (base, tuned)]
@@ -94,11 +104,13 @@ def test_the_engine_decodes_with_it_and_answers_as_transformers_would(tiny_model
         fast = answers()
         loaded = engine._base(tiny_model_dir)
         assert isinstance(loaded.decoder, LlamaDecoder)
+        # bf16 on a CPU keeps its cache in fp32 (transformers' forward gets it cast back).
+        assert loaded.kv_dtype == (torch.float32 if dtype == "bfloat16" else None)
         loaded.decoder = None  # transformers' forward for every step from here on
         slow = answers()
         for (fast_text, fast_logprobs), (slow_text, slow_logprobs) in zip(fast, slow, strict=True):
             assert fast_text == slow_text
-            assert fast_logprobs == pytest.approx(slow_logprobs, abs=1e-4)
+            assert fast_logprobs == pytest.approx(slow_logprobs, abs=tolerance)
         assert fast[0] != fast[1]
     finally:
         engine.close()

@@ -202,6 +202,7 @@ class _Base:
     model: Any = None  # the transformers model (its LoRA-targeted layers wrapped once adapters load)
     lora: MultiLora | None = None  # the loaded adapters, created with the model
     decoder: LlamaDecoder | None = None  # the fast decode step, where the architecture has one
+    kv_dtype: torch.dtype | None = None  # the KV cache's, where it differs from the model's
     adapters: OrderedDict[str, int] = field(default_factory=OrderedDict)  # adapter folder → slot, LRU order
     grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built on first structured request
     token_bytes: dict[int, bytes] = field(default_factory=dict)  # for logprobs
@@ -327,12 +328,17 @@ class _GrowingLayer(DynamicLayer):
     transformers' `DynamicLayer` concatenates its whole cache with each new token, so a decode step
     copies every layer's cache: at a batch of 16 that copying cost more than the model's matmuls.
     Here `keys`/`values` are views of the first positions of larger buffers; assigning them (joining
-    and dropping rows) replaces the buffers."""
+    and dropping rows) replaces the buffers.
 
-    def __init__(self, **kwargs):
+    `store_dtype` keeps the cache in another dtype than the model's: fp32 for bf16 models on a CPU,
+    whose decode step (`tunehouse.inference.decode`) attends in fp32 because PyTorch's bf16 CPU
+    kernels are slow there (see `LlamaDecoder._attend`). It costs twice the cache memory."""
+
+    def __init__(self, store_dtype: torch.dtype | None = None, **kwargs):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._k_len = self._v_len = 0  # separate: the scheduler assigns keys, then values
+        self.store_dtype = store_dtype
         super().__init__(**kwargs)
 
     @property
@@ -352,9 +358,9 @@ class _GrowingLayer(DynamicLayer):
         self._v, self._v_len = value, (0 if value is None else value.shape[-2])
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
-        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self.dtype, self.device = self.store_dtype or key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=self.dtype)
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=self.dtype)
         self.is_initialized = True
 
     @staticmethod
@@ -369,7 +375,8 @@ class _GrowingLayer(DynamicLayer):
         buffer[:, :, length:end] = new
         return buffer
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def append(self, key_states, value_states) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add positions; the whole cache, in its own dtype."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._k = self._append(self._k, self._k_len, key_states)
@@ -378,14 +385,26 @@ class _GrowingLayer(DynamicLayer):
         self._v_len += value_states.shape[-2]
         return self.keys, self.values
 
+    def update(self, key_states, value_states, *args, **kwargs):
+        """transformers' call: the whole cache in the model's dtype."""
+        fresh = self.get_seq_length() == 0
+        keys, values = self.append(key_states, value_states)
+        if keys.dtype == key_states.dtype:
+            return keys, values
+        if fresh:  # a prompt into an empty cache (the engine's prefill): it is the whole cache
+            return key_states, value_states
+        return keys.to(key_states.dtype), values.to(value_states.dtype)
+
     def get_seq_length(self) -> int:
         return self._k_len if self.is_initialized else 0
 
 
-def _new_cache(config) -> DynamicCache:
+def _new_cache(config, store_dtype: torch.dtype | None = None) -> DynamicCache:
     cache = DynamicCache(config=config)
     # Plain full-attention layers grow in place; others (sliding windows) keep transformers' own.
-    cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [
+        _GrowingLayer(store_dtype) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
     return cache
 
 
@@ -648,6 +667,8 @@ class HFEngine(InferenceEngine):
         base.model = model
         base.lora = MultiLora(model, self.max_adapters)
         base.decoder = fast_decoder(model)
+        if base.decoder is not None and self.device.type == "cpu" and self.dtype != torch.float32:
+            base.kv_dtype = torch.float32  # see `_GrowingLayer`
         log.info("loaded base model %s in %.1f s", base.path, time.perf_counter() - t0)
 
     def _ensure_adapter(self, base: _Base, adapter_path: Path | None, in_use: set[int]) -> int:
@@ -776,7 +797,7 @@ class HFEngine(InferenceEngine):
             ids[i, length - len(s.req.prompt) :] = torch.tensor(s.req.prompt)
             mask[i, length - len(s.req.prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _new_cache(base.model.config)
+        cache = _new_cache(base.model.config, base.kv_dtype)
         logits = self._forward(base, ids, mask, positions, cache, [s.adapter for s in seqs])
         self._sample(base, seqs, logits)
         keep = [i for i, s in enumerate(seqs) if not s.finished and not s.req.cancelled.is_set()]
