@@ -360,7 +360,9 @@ class _GrowingLayer(DynamicLayer):
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = self.store_dtype or key_states.dtype, key_states.device
         self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=self.dtype)
-        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=self.dtype)
+        self.values = value_states.new_empty(
+            (*value_states.shape[:2], 0, value_states.shape[-1]), dtype=self.dtype
+        )
         self.is_initialized = True
 
     @staticmethod
