@@ -56,6 +56,11 @@ def test_fp32_decode_steps_equal_transformers_with_padding_and_adapters(tiny_mod
     lora.set_rows([a, -1, b])  # every row a different adapter (or none)
     decoder = fast_decoder(model)
     assert isinstance(decoder, LlamaDecoder)
+    # q/k/v and gate/up as one matmul each, the layers' weights views of it (LoRA on top).
+    assert all(f.weight is not None for f in decoder.qkv + decoder.gate_up)
+    k_proj = model.model.layers[0].self_attn.k_proj
+    storage = getattr(k_proj, "base", k_proj).weight.untyped_storage()
+    assert storage.data_ptr() == decoder.qkv[0].weight.untyped_storage().data_ptr()
     want, got = _decode_both_ways(model, decoder)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # No padding at all: attention runs without a mask.

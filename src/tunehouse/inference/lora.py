@@ -69,12 +69,17 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        delta = self.delta(x)
+        return out if delta is None else out + delta.to(out.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the rows' adapters add to the base layer's output; None when no row has one."""
         mask = self.context.mask
         if mask is None:
-            return out
+            return None
         down = torch.nn.functional.linear(x.to(self.A_all.dtype), self.A_all)
         down = down * (mask if down.dim() == 3 else mask.squeeze(1))  # [batch, seq, r] or [batch, r]
-        return out + torch.nn.functional.linear(down, self.B_all).to(out.dtype)
+        return torch.nn.functional.linear(down, self.B_all)
 
     def resize(self, n_slots: int, rank: int) -> None:
         """Make room for more adapters or a larger rank: every slot's block widens, contents kept."""
