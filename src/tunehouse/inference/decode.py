@@ -128,8 +128,9 @@ class _Fused:
     weights are moved into one tensor, of which each layer's weight becomes a view, so transformers'
     forward (prefills) sees the same layers and no memory is added. A bf16 matmul of 16 rows by 576
     costs nearly as much for 192 outputs (k, v) as for 576 (q): fused, q/k/v take 90 µs, not 147.
-    Only plain `nn.Linear`s without bias are fused (int8 layers have their own sharing); LoRA
-    wrappers added later keep their updates, applied per projection."""
+    Only plain `nn.Linear`s without bias are fused: int8 layers stay as they are (fusing them saved
+    3-8 µs per block; the fp32 int8 path shares one matmul per input already). LoRA wrappers, added
+    before or after, keep their updates, applied per projection."""
 
     def __init__(self, parent: nn.Module, names: tuple[str, ...]):
         self.parent, self.names = parent, names
