@@ -102,7 +102,8 @@ class LlamaDecoder:
         attend = bias = None
         if not bool(mask.all()):
             attend = mask.bool()[:, None, None, :]
-            bias = torch.zeros(attend.shape, device=h.device).masked_fill_(~attend, float("-inf"))
+            if getattr(cache.layers[0], "dtype", h.dtype) != h.dtype:  # `_attend`'s fp32 matmuls
+                bias = torch.zeros(attend.shape, device=h.device).masked_fill_(~attend, float("-inf"))
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         for layer, kv, qkv, gate_up in zip(self.layers, cache.layers, self.qkv, self.gate_up, strict=True):
             attention, mlp = layer.self_attn, layer.mlp
