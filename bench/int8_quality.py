@@ -5,9 +5,10 @@
 For each prompt, fp32 answers greedily; every variant then reads the prompt plus fp32's answer, and
 we report the mean KL divergence of its next-token distributions from fp32's, how often its top
 token is fp32's, and how many tokens its own greedy answer shares with fp32's before they part.
-Variants: bf16 (for scale: what the dtype alone changes), weight-only int8 on bf16, and int8
-weights and activations on fp32 (`tunehouse.inference.quantize`; what `TUNEHOUSE_INFERENCE_
-QUANTIZATION=int8` serves on a CPU without fast bf16). Slow on CPUs that emulate bf16; no timings.
+Variants: bf16 (for scale: what the dtype alone changes) and int8 weights and activations with
+fp32 around them (`tunehouse.inference.quantize`; what `TUNEHOUSE_INFERENCE_QUANTIZATION=int8`
+serves). Each variant reads a whole answer in one pass: int8 quantizes each position (row) with
+its own scale, as in decoding. Slow on CPUs that emulate bf16; no timings.
 """
 
 from __future__ import annotations
@@ -47,9 +48,7 @@ def main() -> None:
         return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
 
     calibration = tok(tok.apply_chat_template(CALIBRATION_CHAT, tokenize=False), add_special_tokens=False)
-    variants = {"bf16": load(torch.bfloat16), "int8 weights, bf16": load(torch.bfloat16)}
-    quantize_int8(variants["int8 weights, bf16"])
-    variants["int8 weights and activations, fp32"] = load(torch.float32)
+    variants = {"bf16": load(torch.bfloat16), "int8 weights and activations, fp32": load(torch.float32)}
     quantize_int8(variants["int8 weights and activations, fp32"], calibration["input_ids"])
     reference = load(torch.float32)
 

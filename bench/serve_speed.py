@@ -16,8 +16,7 @@ machine are noisy: the contenders are measured in turn, `--repeats` rounds, and 
 compare ratios within one run. The last lines give the ratios against the faster of the two plain runs.
 
 Our engine runs twice too: as served by default, and with `TUNEHOUSE_INFERENCE_QUANTIZATION=int8`
-(int8 base weights: weight-only on a bf16 model, int8 activations too on an fp32 one;
-`--no-int8` leaves it out).
+(int8 weights and activations, fp32 around them, whatever the CPU; `--no-int8` leaves it out).
 
 Each contender lives in a process of its own. In one process they would slow each other down: once
 two threads have run multi-threaded torch ops (plain `generate` in the main thread, our engine in its
@@ -288,7 +287,7 @@ def main() -> None:
             "tunehouse": Contender(Ours, base_dir, adapters, args.tokens, args.streams, args.threads)
         }
         engine_dtype = contenders["tunehouse"].info["dtype"].removeprefix("torch.")
-        if int8_supported(torch.device("cpu"), getattr(torch, engine_dtype)) and not args.no_int8:
+        if int8_supported(torch.device("cpu")) and not args.no_int8:
             contenders["tunehouse int8"] = Contender(
                 Ours, base_dir, adapters, args.tokens, args.streams, args.threads, "int8"
             )

@@ -218,7 +218,7 @@ def test_disconnect_frees_the_slot(client, shared_server):
 def test_a_server_set_to_int8_weights_answers_as_usual(settings):
     from tests.api.conftest import LiveServer
 
-    settings.dtype, settings.inference_quantization = "bfloat16", "int8"
+    settings.inference_quantization = "int8"
     with LiveServer(settings) as live:
         out = live.client().chat.completions.create(
             model=TINY_MODEL, messages=MESSAGES, max_tokens=8, temperature=0

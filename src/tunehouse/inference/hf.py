@@ -440,13 +440,16 @@ class HFEngine(InferenceEngine):
         if max_adapters < 1:
             raise ValueError("max_adapters must be at least 1")
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
         if quantization not in ("none", "int8"):
             raise ValueError(f"unknown quantization {quantization!r}; use none or int8")
-        if quantization == "int8" and not int8_supported(self.device, self.dtype):
-            raise ValueError(
-                f"int8 quantization needs bf16 or fp32 on the CPU (here: {self.dtype} on {self.device.type})"
-            )
+        if quantization == "int8":
+            # int8 matmuls with fp32 around them (see quantize.py), whatever the CPU's bf16 support.
+            if not int8_supported(self.device):
+                raise ValueError(f"int8 quantization needs an x86 CPU with fbgemm (here: {self.device.type})")
+            if dtype not in ("auto", "float32"):
+                raise ValueError(f"int8 quantization computes in float32; dtype {dtype} cannot go with it")
+            dtype = "float32"
+        self.dtype = resolve_dtype(dtype, self.device)
         self.quantization = quantization
         self.max_adapters = max_adapters
         self.max_batch_size = max_batch_size
@@ -462,7 +465,7 @@ class HFEngine(InferenceEngine):
             "transformers engine on %s in %s%s",
             self.device,
             str(self.dtype).removeprefix("torch."),
-            ", int8" if quantization == "int8" else "",  # weights only on bf16, activations too on fp32
+            ", int8 matmuls" if quantization == "int8" else "",
         )
 
     # ---- public API: prompts ---------------------------------------------------------------------

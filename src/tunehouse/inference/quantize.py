@@ -3,27 +3,34 @@ close to but not identical with the full-precision model's.
 
 Decoding one token reads every weight of the model once, so on a CPU a step's time is mostly memory
 traffic, and int8 weights cut it. Each output channel of a linear layer keeps one scale (symmetric,
-round to nearest). What computes with them depends on the model's dtype, i.e. on the CPU:
+round to nearest), and the activations are quantized too, so the products run on the CPU's int8
+units through fbgemm (`quantized::linear_dynamic`, the kernel of PyTorch's dynamic quantization).
+The model computes in fp32 around the int8 matmuls, whatever the CPU's bf16 support: measured on a
+2-core EPYC with AVX512-BF16, the 4 matmuls of all 30 layers of SmolLM2-135M take 5.7 ms for one
+row and 7.8 ms for 16 (weights not in cache), against 14.3 / 15.1 ms in bf16 and 5.6 / 18.6 ms
+with int8 weights and bf16 activations (`aten._weight_int8pack_mm`, which this replaced).
 
-- bf16 (CPUs with AMX / AVX512-BF16): weight-only int8 (`Int8Linear`). Activations stay bf16 and
-  `aten._weight_int8pack_mm` dequantizes the weights on the fly.
-- fp32 (other x86 CPUs, where bf16 is emulated and slow): that kernel is slow with fp32 activations,
-  so activations are quantized too, one scale per token, and the product runs on int8 units
-  (`torch._int_mm`; AVX512-VNNI here: 3-4x an fp32 matmul). A token's few large channels would
-  set its scale and crush the rest, so the input channels with the largest magnitudes on a short
-  calibration text (`CALIBRATION_CHAT`) stay in full precision, in a side matmul (LLM.int8()'s
-  decomposition, with the outlier channels fixed at load time). Layers that read the same
-  activations (q/k/v of an attention block, gate/up of an MLP; found in the calibration pass)
-  quantize them once and share one matmul (`_SharedInput`).
-  On SmolLM2-135M the mean KL divergence from fp32's next-token distribution is 0.007 (bf16's:
-  0.001; weight-only int8 on bf16: 0.005), and greedy answers stay coherent but part from fp32's
-  after some tokens, as bf16's do (`bench/int8_quality.py`).
+- fbgemm quantizes its input with one scale for the whole tensor. Each row is divided by its own
+  peak first (and the output multiplied back: the layer is linear), so every token gets its own
+  scale, as if quantized alone: a batch's loudest row does not crush the others.
+- A token's few large channels would set its scale and crush the rest, so the input channels with
+  the largest magnitudes on a short calibration text (`CALIBRATION_CHAT`) stay in full precision,
+  in a side matmul (LLM.int8()'s decomposition, with the outlier channels fixed at load time).
+  Layers that read the same activations (q/k/v of an attention block, gate/up of an MLP; found in
+  the calibration pass) quantize them once and share one matmul (`_SharedInput`).
 
-Embeddings and norms are untouched; LoRA adapters stay in the model's dtype on top of the quantized
-base layers.
+On SmolLM2-135M the mean KL divergence from fp32's next-token distribution is about 0.009 (bf16's:
+0.001), and greedy answers stay coherent but part from fp32's after some tokens, as bf16's do
+(`bench/int8_quality.py`). SmoothQuant-style scaling instead of the outlier matmul was tried and
+doubled the divergence.
+
+Embeddings and norms are untouched; LoRA adapters stay in fp32 on top of the quantized base layers.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 from torch import nn
@@ -55,34 +62,10 @@ CALIBRATION_CHAT = [
 ]
 
 
-class Int8Linear(nn.Linear):
-    """bf16 models: an `nn.Linear` whose weight is int8 with one scale per output channel."""
-
-    def __init__(self, linear: nn.Linear):
-        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a full-precision weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        qweight, scales = _quantize_channels(linear.weight.detach().float())
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales.to(linear.weight.dtype))
-        self.bias = linear.bias
-
-    @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
-        """The dequantized weight (for code that inspects it, e.g. its dtype; not used to compute)."""
-        return self.qweight.to(self.scales.dtype) * self.scales[:, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
 class _SharedInput:
-    """fp32 models: the int8 weights of the linear layers that read one input, stacked, and the
-    input's outlier channels. The first member called computes every member's output in one matmul;
-    the others take theirs from it, and once all have, it is dropped."""
+    """The int8 weights of the linear layers that read one input, stacked, and the input's outlier
+    channels. The first member called computes every member's output in one matmul; the others
+    take theirs from it, and once all have, it is dropped."""
 
     def __init__(self, linears: list[nn.Linear], channel_max: torch.Tensor):
         weight = torch.cat([linear.weight.detach().float() for linear in linears])
@@ -92,9 +75,8 @@ class _SharedInput:
         keep[self.outliers] = 0.0
         self.keep = keep  # multiplies the outlier channels out of the quantized part
         self.outlier_weight = weight[:, self.outliers].t().contiguous()  # [outliers, out]
-        self.qweight, self.scales = _quantize_channels(weight * keep)
-        self.dequant = self.scales / 127.0  # with a row's peak: the product's scale
-        self.qweight_t = self.qweight.t()  # [in, out] view: `_int_mm`'s fast layout
+        qweight, self.scales = _quantize_channels(weight * keep)
+        self.packed = _pack(qweight, self.scales)  # the bias is added afterwards (outputs get rescaled)
         biases = [linear.bias for linear in linears]
         self.bias = (
             None
@@ -123,11 +105,12 @@ class _SharedInput:
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor | None]:
         rows = x.reshape(-1, x.shape[-1])
         inner = rows * self.keep
-        # abs().amax(): linalg.vector_norm(ord=inf) is several times slower on a batch of rows.
-        peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)  # each row's scale is peak / 127
-        # In place, and no `127 / peak` (a Python-level reversed division): every op counts at one row.
-        quantized = inner.mul_(127.0).div_(peak).round_().to(torch.int8)
-        out = torch._int_mm(quantized, self.qweight_t).mul(peak).mul_(self.dequant)
+        if rows.shape[0] == 1:  # one row: fbgemm's scale for the tensor is the row's own
+            out = torch.ops.quantized.linear_dynamic(inner, self.packed, _REDUCE_RANGE)
+        else:
+            # abs().amax(): linalg.vector_norm(ord=inf) is several times slower on a batch of rows.
+            peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)
+            out = torch.ops.quantized.linear_dynamic(inner.div_(peak), self.packed, _REDUCE_RANGE).mul_(peak)
         out = out.addmm_(rows.index_select(1, self.outliers), self.outlier_weight)
         if self.bias is not None:
             out += self.bias
@@ -138,7 +121,7 @@ class _SharedInput:
 
 
 class W8A8Linear(nn.Linear):
-    """fp32 models: one member of a `_SharedInput`; behaves as the `nn.Linear` it replaces."""
+    """One member of a `_SharedInput`; behaves as the `nn.Linear` it replaces."""
 
     def __init__(self, linear: nn.Linear, group: _SharedInput, member: int):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a full-precision weight
@@ -152,12 +135,29 @@ class W8A8Linear(nn.Linear):
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         """The dequantized weight, outlier columns included (for inspection; not used to compute)."""
         start, end = self.group.spans[self.member]
-        weight = self.group.qweight[start:end].float() * self.scales[:, None]
+        weight = torch.ops.quantized.linear_unpack(self.group.packed)[0].dequantize()[start:end].float()
         weight[:, self.group.outliers] = self.group.outlier_weight[:, start:end].t()
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.output(self.member, x)
+
+
+# Without VNNI, fbgemm sums pairs of u8 x s8 products in int16, which can saturate: 7-bit
+# activations then, as PyTorch's own dynamic quantization does.
+_REDUCE_RANGE = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+
+
+def _pack(qweight: torch.Tensor, scales: torch.Tensor):
+    """int8 weights [out, in] with one scale per output channel, in fbgemm's packed layout."""
+    with warnings.catch_warnings():
+        # PyTorch 2.13 deprecates creating quantized tensors (we pin torch below 2.14); fbgemm's
+        # kernels themselves are not deprecated. `int8_supported` finds out if this stops working.
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        weight = torch._make_per_channel_quantized_tensor(
+            qweight, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0
+        )
+    return torch.ops.quantized.linear_prepack(weight, None)
 
 
 def _quantize_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,17 +166,15 @@ def _quantize_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales
 
 
-def quantize_int8(model: nn.Module, calibration_ids: list[int] | None = None) -> int:
-    """Replace every `nn.Linear` of a model (the output head included) with its int8 version; the
-    number replaced. bf16 models get weight-only int8; fp32 models get int8 activations too, which
-    needs `calibration_ids` (a short tokenized text, e.g. `CALIBRATION_CHAT` rendered)."""
+def quantize_int8(model: nn.Module, calibration_ids: list[int]) -> int:
+    """Replace every `nn.Linear` of an fp32 model (the output head included) with its int8 version;
+    the number replaced. `calibration_ids` is a short tokenized text (e.g. `CALIBRATION_CHAT`
+    rendered) that finds each input's outlier channels."""
     dtype = next(model.parameters()).dtype
-    if dtype == torch.bfloat16:
-        return _replace(model, lambda name, linear: Int8Linear(linear))
     if dtype != torch.float32:
-        raise ValueError(f"int8 quantization needs a bf16 or fp32 model, not {dtype}")
+        raise ValueError(f"int8 quantization computes in float32; the model is {dtype}")
     if not calibration_ids:
-        raise ValueError("int8 quantization of an fp32 model needs calibration tokens")
+        raise ValueError("int8 quantization needs calibration tokens")
     members: dict[str, tuple[_SharedInput, int]] = {}
     for names, linears, channel_max in _calibrate(model, calibration_ids):
         group = _SharedInput(linears, channel_max)
@@ -223,9 +221,18 @@ def _replace(model: nn.Module, make) -> int:
     return replaced
 
 
-def int8_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    if device.type != "cpu":
+def int8_supported(device: torch.device) -> bool:
+    """fbgemm, PyTorch's int8 kernels for x86 CPUs, is there and works."""
+    return device.type == "cpu" and _fbgemm_works()
+
+
+@functools.cache
+def _fbgemm_works() -> bool:
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
         return False
-    if dtype == torch.bfloat16:
-        return hasattr(torch.ops.aten, "_weight_int8pack_mm")
-    return dtype == torch.float32 and hasattr(torch, "_int_mm")
+    try:
+        qweight, scales = _quantize_channels(torch.ones(4, 8))
+        out = torch.ops.quantized.linear_dynamic(torch.ones(2, 8), _pack(qweight, scales), _REDUCE_RANGE)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(out, torch.full((2, 4), 8.0), rtol=0.05))
