@@ -37,18 +37,29 @@ class LoraContext:
     """Which slot each row of the current forward pass uses; shared by all `LoraLinear`s of a base."""
 
     def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None  # [batch, 1, slots * rank]; None: no LoRA work at all
+        # [batch, 1, width]; None: no LoRA work at all. `width` covers the slots up to the highest
+        # one in use (slots are handed out lowest first), so idle slots cost no multiplications.
+        self.mask: torch.Tensor | None = None
+        self.version = 0  # bumped whenever an adapter's weights change (for what is built from them)
+        self._tiled: dict[int, torch.Tensor] = {}
 
     def set_rows(self, slots: list[int], n_slots: int, rank: int, dtype, device) -> None:
         """`slots[i]` is row i's adapter slot, -1 for the base model."""
+        self._tiled = {}
         if rank == 0 or all(s < 0 for s in slots):
             self.mask = None
             return
-        index = torch.tensor(slots)
-        onehot = torch.zeros(len(slots), n_slots + 1)
-        onehot[torch.arange(len(slots)), index.clamp(min=-1) % (n_slots + 1)] = 1.0  # -1 → extra slot
-        mask = onehot[:, :n_slots].repeat_interleave(rank, dim=1)
+        used = max(slots) + 1
+        onehot = torch.zeros(len(slots), used + 1)
+        onehot[torch.arange(len(slots)), torch.tensor(slots)] = 1.0  # -1: the extra last column
+        mask = onehot[:, :used].repeat_interleave(rank, dim=1)
         self.mask = mask.to(device=device, dtype=dtype).unsqueeze(1)
+
+    def tiled(self, n: int) -> torch.Tensor:
+        """The mask repeated `n` times along its width (for `n` layers' updates computed at once)."""
+        if n not in self._tiled:
+            self._tiled[n] = self.mask.repeat(1, 1, n)
+        return self._tiled[n]
 
 
 class LoraLinear(nn.Module):
@@ -77,9 +88,10 @@ class LoraLinear(nn.Module):
         mask = self.context.mask
         if mask is None:
             return None
-        down = torch.nn.functional.linear(x.to(self.A_all.dtype), self.A_all)
+        width = mask.shape[-1]
+        down = torch.nn.functional.linear(x.to(self.A_all.dtype), self.A_all[:width])
         down = down * (mask if down.dim() == 3 else mask.squeeze(1))  # [batch, seq, r] or [batch, r]
-        return torch.nn.functional.linear(down, self.B_all)
+        return torch.nn.functional.linear(down, self.B_all[:, :width])
 
     def resize(self, n_slots: int, rank: int) -> None:
         """Make room for more adapters or a larger rank: every slot's block widens, contents kept."""
@@ -184,7 +196,9 @@ class MultiLora:
         for name in weights:
             if name not in self.layers:
                 self._wrap(name)
+        self.free.sort()  # lowest first: the slots in use stay packed at the front (`LoraContext`)
         slot = self.free.pop(0)
+        self.context.version += 1
         for name, layer in self.layers.items():
             pair = weights.get(name)
             if pair is None:
@@ -195,6 +209,7 @@ class MultiLora:
         return slot
 
     def unload(self, slot: int) -> None:
+        self.context.version += 1
         for layer in self.layers.values():
             layer.put(slot, None, None, 0.0)
         self.free.append(slot)
