@@ -82,9 +82,9 @@ class Settings(BaseSettings):
     inference_max_adapters: int = Field(default=8, description="Fine-tuned adapters kept loaded at once.")
     inference_quantization: Literal["none", "int8"] = Field(
         default="none",
-        description="int8: serve with int8 base weights on the CPU (bf16 models: weights only; fp32 "
-        "models: int8 activations too): faster decoding, answers close to but not identical with "
-        "full precision's.",
+        description="int8: serve with int8 base weights and activations on an x86 CPU (fbgemm; fp32 "
+        "around the int8 matmuls, so dtype must be auto or float32): faster decoding, answers close to "
+        "but not identical with full precision's.",
     )
     dtype: str = Field(
         default="auto", description="auto (bf16 where the hardware has it) | bfloat16 | float32"

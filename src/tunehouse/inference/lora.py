@@ -10,9 +10,12 @@ once per base in a `LoraLinear` that holds all loaded adapters side by side (pun
     y = base(x) + ((x @ A_all.T) * row_mask) @ B_all.T
 
 `row_mask` [batch, 1, slots * r] is 1 over the block of the adapter a row uses and 0 elsewhere (all 0
-for a row on the base model), built once per forward pass and shared by every layer. Two dense matmuls
-per layer whatever the mix of adapters; the extra width (slots * r columns) is small next to the
-layer's own. Adapters of a smaller rank are zero-padded to r, which adds exactly nothing.
+for a row on the base model), built once per forward pass and shared by every layer; it stops at
+the highest slot in use (slots are handed out lowest first), and only that many rows of A_all and
+columns of B_all take part. Two dense matmuls per layer whatever the mix of adapters; the extra
+width (slots * r columns) is small next to the layer's own. Adapters of a smaller rank are
+zero-padded to r, which adds exactly nothing. (The decode step goes further and computes the
+updates of q/k/v together: `tunehouse.inference.decode._Fused`.)
 
 Loading reads the adapter's own files (adapter_config.json, adapter_model.safetensors) as PEFT saved
 them; what PEFT can express but this does not (DoRA, fan_in_fan_out, trained non-LoRA modules,
@@ -43,7 +46,7 @@ class LoraContext:
         self.version = 0  # bumped whenever an adapter's weights change (for what is built from them)
         self._tiled: dict[int, torch.Tensor] = {}
 
-    def set_rows(self, slots: list[int], n_slots: int, rank: int, dtype, device) -> None:
+    def set_rows(self, slots: list[int], rank: int, dtype, device) -> None:
         """`slots[i]` is row i's adapter slot, -1 for the base model."""
         self._tiled = {}
         if rank == 0 or all(s < 0 for s in slots):
@@ -226,4 +229,4 @@ class MultiLora:
         if weight is None:
             self.context.mask = None
             return
-        self.context.set_rows(slots, self.n_slots, self.rank, weight.dtype, weight.device)
+        self.context.set_rows(slots, self.rank, weight.dtype, weight.device)
