@@ -49,7 +49,7 @@ def test_adapters_on_int8_layers_change_the_logits_as_in_full_precision(tiny_mod
     assert (results["int8"][0] - results["int8"][1]).abs().max() > 4 * error
 
 
-@pytest.mark.parametrize("dtype", ["auto", "float32"])
+@pytest.mark.parametrize("dtype", ["auto", "fp32"])
 def test_an_int8_engine_serves_base_and_adapter(tiny_model_dir, adapters, dtype):  # noqa: F811
     engine = HFEngine(dtype=dtype, quantization="int8")
     assert engine.dtype == torch.float32  # around the int8 matmuls, even where bf16 would be chosen

@@ -446,7 +446,7 @@ class HFEngine(InferenceEngine):
             # int8 matmuls with fp32 around them (see quantize.py), whatever the CPU's bf16 support.
             if not int8_supported(self.device):
                 raise ValueError(f"int8 quantization needs an x86 CPU with fbgemm (here: {self.device.type})")
-            if dtype not in ("auto", "float32"):
+            if dtype != "auto" and resolve_dtype(dtype, self.device) != torch.float32:
                 raise ValueError(f"int8 quantization computes in float32; dtype {dtype} cannot go with it")
             dtype = "float32"
         self.dtype = resolve_dtype(dtype, self.device)
