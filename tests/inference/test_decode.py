@@ -81,6 +81,20 @@ def test_int8_and_bf16_decode_steps_stay_with_transformers(tiny_model_dir):
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
 
 
+def test_int8_decode_steps_with_adapters_equal_transformers(tiny_model_dir, adapters):  # noqa: F811
+    model = _model(tiny_model_dir, torch.float32)
+    quantize_int8(model, _calibration_ids(tiny_model_dir))
+    lora = MultiLora(model, n_slots=2)
+    a, b = lora.load(adapters[0]), lora.load(adapters[1])
+    lora.set_rows([b, a, -1])
+    decoder = fast_decoder(model)
+    # Every block's int8 layers are one group: their outlier channels and LoRA updates are the
+    # side matmuls of the decode step, where transformers' forward computes them layer by layer.
+    assert all(p.int8 is not None for p in decoder.qkv + decoder.o + decoder.gate_up + decoder.down)
+    want, got = _decode_both_ways(model, decoder)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("attribute", "value"), [("model_type", "mistral"), ("hidden_act", "gelu"), ("pretraining_tp", 2)]
 )

@@ -8,8 +8,10 @@ normalises with seven ops where `F.rms_norm` does one. `LlamaDecoder.step` compu
 thing in a plain loop over the same modules (so LoRA slots and int8 layers work unchanged) and the
 same KV cache: about 3 ms less per step for SmolLM2-135M on a 2-core CPU, 10-15% of a
 one-stream step. Besides:
-- q/k/v and gate/up run as one matmul each (`_Fused`), for plain full-precision layers;
-- a bf16 model on a CPU attends in fp32 against a cache kept in fp32 (`LlamaDecoder._attend`).
+- q/k/v and gate/up run as one matmul each, LoRA updates and int8 outlier channels of a block in
+  two more (`_Projections`);
+- grouped-query attention reads each KV head once, and a bf16 model on a CPU attends in fp32
+  against a cache kept in fp32 (`LlamaDecoder._attend`).
 On fp32 its logits equal transformers' within 1e-5 (tests/inference/test_decode.py); prompts
 (prefill) still go through transformers.
 
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunehouse.inference.lora import LoraLinear
+from tunehouse.inference.quantize import W8A8Linear, _SharedInput
 
 
 def fast_decoder(model: nn.Module) -> LlamaDecoder | None:
@@ -56,8 +59,11 @@ class LlamaDecoder:
         self.inv_freq = inner.rotary_emb.inv_freq.float()
         self.rope_scale = inner.rotary_emb.attention_scaling
         self.fp32 = self.embed.weight.dtype == torch.float32
-        self.qkv = [_Fused(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
-        self.gate_up = [_Fused(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
+        self.qkv = [_Projections(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
+        self.o = [_Projections(layer.self_attn, ("o_proj",)) for layer in self.layers]
+        self.gate_up = [_Projections(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
+        self.down = [_Projections(layer.mlp, ("down_proj",)) for layer in self.layers]
+        self.intermediate = config.intermediate_size
 
     def _norm(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if self.fp32:
@@ -65,32 +71,26 @@ class LlamaDecoder:
         # transformers' RMSNorm: normalise in fp32, cast back, then scale; three ops instead of seven.
         return module.weight * F.rms_norm(h.float(), (self.hidden,), None, self.eps).to(h.dtype)
 
-    def _attend(self, q, k, v, mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-        """One query position against the cache: [rows, heads, 1, dim] → [rows, 1, heads * dim].
-        `mask` is boolean (None: attend to everything), `bias` the same as -inf/0, in fp32."""
+    def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """One query position against the cache: [rows, heads, 1, dim] → [rows, heads * dim].
+        `mask` is boolean (None: attend to everything).
+
+        The query heads that share a KV head go in as one head's queries (grouped-query attention
+        as a query length of heads / KV heads): PyTorch's CPU kernel then reads each KV head once,
+        not once per query head (SmolLM2-135M, 16 rows, 150 cached positions: 170 µs a layer
+        against 260 with `enable_gqa`). A cache kept in fp32 for a bf16 model on a CPU (see
+        `_GrowingLayer` in hf.py) is attended in fp32: PyTorch's bf16 CPU attention kernel is
+        several times slower for this (16 rows, 80 cached positions: 900 µs against 120)."""
         rows, heads, _, dim = q.shape
-        if k.dtype == q.dtype:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv_heads != heads
-            )
-            return out.reshape(rows, 1, heads * dim)
-        # A cache kept in fp32 for a bf16 model on a CPU (see `_GrowingLayer` in hf.py): PyTorch's
-        # bf16 CPU kernels are slow for this, the attention kernel (16 rows, 80 cached positions:
-        # 900 µs against 120 µs here) and oneDNN's batched matmul, which builds a new kernel for
-        # every new cache length (~0.6 ms). In fp32, as plain matmuls: heads sharing a KV head are
-        # one matmul (grouped-query attention without expanding the cache).
-        grouped = q.to(k.dtype).view(rows, self.n_kv_heads, heads // self.n_kv_heads, dim)
-        scores = torch.matmul(grouped, k.transpose(-1, -2)) * self.scale
-        if bias is not None:
-            scores = scores + bias
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)
-        return out.to(q.dtype).view(rows, 1, heads * dim)
+        grouped = q.reshape(rows, self.n_kv_heads, heads // self.n_kv_heads, dim).to(k.dtype)
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=self.scale)
+        return out.to(q.dtype).reshape(rows, heads * dim)
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """`ids` and `positions` [batch, 1]; `mask` [batch, cache length + 1], 0 over left padding;
         `cache` the engine's KV cache, appended to. The next-token logits [batch, vocabulary]."""
         rows = ids.shape[0]
-        h = self.embed(ids)
+        h = self.embed(ids.reshape(rows))  # [rows, hidden]: one position per row throughout
         freqs = positions.reshape(rows, 1).float() * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = (angles.cos() * self.rope_scale).to(h.dtype)[:, None, None, :]
@@ -99,43 +99,39 @@ class LlamaDecoder:
         # cat(x2, x1); the sign moves onto sin: one op per tensor instead of four, same numbers.
         half = self.head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        attend = bias = None
-        if not bool(mask.all()):
-            attend = mask.bool()[:, None, None, :]
-            if getattr(cache.layers[0], "dtype", h.dtype) != h.dtype:  # `_attend`'s fp32 matmuls
-                bias = torch.zeros(attend.shape, device=h.device).masked_fill_(~attend, float("-inf"))
+        attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
-        for layer, kv, qkv, gate_up in zip(self.layers, cache.layers, self.qkv, self.gate_up, strict=True):
-            attention, mlp = layer.self_attn, layer.mlp
-            x = self._norm(layer.input_layernorm, h)
-            q, k, v = qkv(x)
-            # [rows, heads, 1, dim] directly: with one position, the same layout as transformers'
-            # view-then-transpose, one op less each.
-            q = q.view(rows, heads, 1, dim)
-            k = k.view(rows, kv_heads, 1, dim)
-            v = v.view(rows, kv_heads, 1, dim)
-            q = q * cos + q.roll(half, dims=-1) * sin
-            k = k * cos + k.roll(half, dims=-1) * sin
-            k, v = kv.append(k, v)
-            h = h + attention.o_proj(self._attend(q, k, v, attend, bias))
-            x = self._norm(layer.post_attention_layernorm, h)
-            gate, up = gate_up(x)
-            h = h + mlp.down_proj(F.silu(gate) * up)
-        return self.head(self._norm(self.norm, h)[:, -1])
+        for layer, kv, qkv, o, gate_up, down in zip(
+            self.layers, cache.layers, self.qkv, self.o, self.gate_up, self.down, strict=True
+        ):
+            y = qkv(self._norm(layer.input_layernorm, h))
+            # q and k side by side in y: rotated together, as [rows, heads, 1, dim] (with one
+            # position, the same layout as transformers' view-then-transpose).
+            qk = y[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, 1, dim)
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            k, v = kv.append(qk[:, heads:], y[:, (heads + kv_heads) * dim :].view(rows, kv_heads, 1, dim))
+            h = h + o(self._attend(qk[:, :heads], k, v, attend))
+            y = gate_up(self._norm(layer.post_attention_layernorm, h))
+            h = h + down(F.silu(y[:, : self.intermediate]) * y[:, self.intermediate :])
+        return self.head(self._norm(self.norm, h))
 
 
-class _Fused:
-    """The projections of one block that read the same input (q/k/v; gate/up), computed together.
+class _Projections:
+    """The linear layers of one block that read the same input (q/k/v, o, gate/up, down), computed
+    as one: their outputs side by side in one tensor [rows, sum of out_features].
 
     Base weights: plain `nn.Linear`s without bias are moved into one tensor, of which each layer's
     weight becomes a view, so transformers' forward (prefills) sees the same layers and no memory is
     added. A bf16 matmul of 16 rows by 576 costs nearly as much for 192 outputs (k, v) as for 576
-    (q): fused, q/k/v take 90 µs, not 147. int8 layers stay as they are (they share one matmul per
-    input already, see quantize.py).
+    (q): fused, q/k/v take 90 µs, not 147. int8 layers already share one matmul per input (see
+    quantize.py); here only their int8 part runs on its own.
 
-    LoRA updates: every member's A (the slots in use) side by side, and their B as one
-    block-diagonal matrix, so the updates of all members take two matmuls instead of two each
-    (16 rows, 4 adapters: ~20 µs a matmul, mostly fixed cost). Rebuilt when adapters change."""
+    Side matmuls: the LoRA updates of every member (the slots in use: their A side by side, their B
+    as one block-diagonal matrix) and, for int8 layers, the full-precision share of the outlier
+    channels (a one-hot selection of them next to the A's, their weights next to the B's) are two
+    matmuls for the whole group, the second added in place into the base output. At 16 rows with
+    4 adapters a small matmul costs ~20-30 µs, mostly fixed cost, so this is 2 where it was 2 per
+    member plus 2 for the outliers. Rebuilt when adapters change."""
 
     def __init__(self, parent: nn.Module, names: tuple[str, ...]):
         self.parent, self.names = parent, names
@@ -149,42 +145,64 @@ class _Fused:
             self.weight = torch.cat([m.weight.detach() for m in linears])
             for m, view in zip(linears, self.weight.split(self.sizes), strict=True):
                 m.weight = nn.Parameter(view, requires_grad=False)
-        self._lora_key: tuple | None = None
-        self._lora: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        # The int8 group these layers make up, if exactly they, in this order.
+        groups = {id(m.group): m.group for m in linears if isinstance(m, W8A8Linear)}
+        group = next(iter(groups.values())) if len(groups) == 1 else None
+        self.int8: _SharedInput | None = None
+        if group is not None and [getattr(m, "member", None) for m in linears] == list(
+            range(len(group.spans))
+        ):
+            self.int8 = group
+        self._side_key: tuple | None = None
+        self._side: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` [rows, in] → [rows, sum of out_features]."""
         modules = [getattr(self.parent, name) for name in self.names]
-        if self.weight is not None:
-            outs = list(F.linear(x, self.weight).split(self.sizes, dim=-1))
+        wrapped = [m for m in modules if isinstance(m, LoraLinear)]
+        context = wrapped[0].context if wrapped and wrapped[0].context.mask is not None else None
+        if context is None and self.int8 is not None:
+            return self.int8.full(x)
+        if self.int8 is not None:
+            out = self.int8.quantized(x)
+        elif self.weight is not None:
+            out = F.linear(x, self.weight)
         else:
-            outs = [m.base(x) if isinstance(m, LoraLinear) else m(x) for m in modules]
-        delta = self._lora_delta(x, modules)
-        if delta is not None:
-            outs = [o + d.to(o.dtype) for o, d in zip(outs, delta.split(self.sizes, dim=-1), strict=True)]
-        return outs
+            bases = [m.base if isinstance(m, LoraLinear) else m for m in modules]
+            out = torch.cat([base(x) for base in bases], dim=-1) if len(bases) > 1 else bases[0](x)
+        if context is not None:
+            width = context.mask.shape[-1]
+            key = (context.version, width, tuple(id(m) for m in wrapped))
+            if key != self._side_key:
+                self._side_key, self._side = key, self._side_weights(modules, width)
+            down, up, lead, n = self._side
+            side = F.linear(x.to(down.dtype), down).mul_(context.columns(n, lead))
+            out = out.addmm_(side.to(out.dtype), up.to(out.dtype))
+        if self.int8 is not None and self.int8.bias is not None:
+            out += self.int8.bias
+        return out
 
-    def _lora_delta(self, x: torch.Tensor, modules: list[nn.Module]) -> torch.Tensor | None:
+    def _side_weights(
+        self, modules: list[nn.Module], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(down [k, in], up [k, out]: the side matmuls' weights, the number of outlier columns
+        leading them, the number of LoRA members)."""
         wrapped = [m for m in modules if isinstance(m, LoraLinear)]
-        if not wrapped or wrapped[0].context.mask is None:
-            return None
-        context = wrapped[0].context
-        width = context.mask.shape[-1]
-        key = (context.version, width, tuple(id(m) for m in wrapped))
-        if key != self._lora_key:
-            self._lora_key, self._lora = key, self._stack(modules, width)
-        A, B, n = self._lora
-        down = F.linear(x.to(A.dtype), A)
-        mask = context.tiled(n)  # [batch, 1, n * width]
-        return F.linear(down * (mask if down.dim() == 3 else mask.squeeze(1)), B)
-
-    def _stack(self, modules: list[nn.Module], width: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        wrapped = [m for m in modules if isinstance(m, LoraLinear)]
-        A = torch.cat([m.A_all[:width] for m in wrapped])
-        B = A.new_zeros((sum(self.sizes), len(wrapped) * width))
-        column, row = 0, 0
+        ref = wrapped[0].A_all
+        downs = [m.A_all[:width] for m in wrapped]
+        up = ref.new_zeros((len(wrapped) * width, sum(self.sizes)))
+        row, column = 0, 0
         for m, size in zip(modules, self.sizes, strict=True):
             if isinstance(m, LoraLinear):
-                B[row : row + size, column : column + width] = m.B_all[:, :width]
-                column += width
-            row += size
-        return A, B, len(wrapped)
+                up[row : row + width, column : column + size] = m.B_all[:, :width].t()
+                row += width
+            column += size
+        lead = 0
+        if self.int8 is not None:  # the outlier channels: selected exactly (a one-hot row each)
+            outliers = self.int8.outliers
+            lead = len(outliers)
+            select = ref.new_zeros((lead, ref.shape[1]))
+            select[torch.arange(lead), outliers] = 1.0
+            downs.insert(0, select)
+            up = torch.cat([self.int8.outlier_weight.to(ref.dtype), up])
+        return torch.cat(downs), up, lead, len(wrapped)

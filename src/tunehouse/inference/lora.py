@@ -15,7 +15,7 @@ the highest slot in use (slots are handed out lowest first), and only that many 
 columns of B_all take part. Two dense matmuls per layer whatever the mix of adapters; the extra
 width (slots * r columns) is small next to the layer's own. Adapters of a smaller rank are
 zero-padded to r, which adds exactly nothing. (The decode step goes further and computes the
-updates of q/k/v together: `tunehouse.inference.decode._Fused`.)
+updates of q/k/v together, in the base layers' own output: `tunehouse.inference.decode._Projections`.)
 
 Loading reads the adapter's own files (adapter_config.json, adapter_model.safetensors) as PEFT saved
 them; what PEFT can express but this does not (DoRA, fan_in_fan_out, trained non-LoRA modules,
@@ -44,11 +44,11 @@ class LoraContext:
         # one in use (slots are handed out lowest first), so idle slots cost no multiplications.
         self.mask: torch.Tensor | None = None
         self.version = 0  # bumped whenever an adapter's weights change (for what is built from them)
-        self._tiled: dict[int, torch.Tensor] = {}
+        self._columns: dict[tuple[int, int], torch.Tensor] = {}
 
     def set_rows(self, slots: list[int], rank: int, dtype, device) -> None:
         """`slots[i]` is row i's adapter slot, -1 for the base model."""
-        self._tiled = {}
+        self._columns = {}
         if rank == 0 or all(s < 0 for s in slots):
             self.mask = None
             return
@@ -58,11 +58,14 @@ class LoraContext:
         mask = onehot[:, :used].repeat_interleave(rank, dim=1)
         self.mask = mask.to(device=device, dtype=dtype).unsqueeze(1)
 
-    def tiled(self, n: int) -> torch.Tensor:
-        """The mask repeated `n` times along its width (for `n` layers' updates computed at once)."""
-        if n not in self._tiled:
-            self._tiled[n] = self.mask.repeat(1, 1, n)
-        return self._tiled[n]
+    def columns(self, n: int, lead: int = 0) -> torch.Tensor:
+        """The mask as [batch, lead + n * width]: `lead` columns of ones, then the mask `n` times
+        (for `n` layers' updates computed at once, after `lead` columns that are not LoRA's)."""
+        key = (n, lead)
+        if key not in self._columns:
+            mask = self.mask.squeeze(1).repeat(1, n)
+            self._columns[key] = torch.cat([mask.new_ones((mask.shape[0], lead)), mask], dim=1)
+        return self._columns[key]
 
 
 class LoraLinear(nn.Module):

@@ -102,21 +102,28 @@ class _SharedInput:
         return out
 
     def _compute(self, x: torch.Tensor) -> list[torch.Tensor | None]:
-        rows = x.reshape(-1, x.shape[-1])
-        inner = rows * self.keep
-        if rows.shape[0] == 1:  # one row: fbgemm's scale for the tensor is the row's own
-            out = torch.ops.quantized.linear_dynamic(inner, self.packed, _REDUCE_RANGE)
-        else:
-            # abs().amax(): linalg.vector_norm(ord=inf) is several times slower on a batch of rows.
-            peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)
-            out = torch.ops.quantized.linear_dynamic(inner.div_(peak), self.packed, _REDUCE_RANGE).mul_(peak)
-        out = out.addmm_(rows.index_select(1, self.outliers), self.outlier_weight)
-        if self.bias is not None:
-            out += self.bias
-        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        out = self.full(x)
         if len(self.spans) == 1:
             return [out]
         return [out[..., start:end] for start, end in self.spans]
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output, side by side."""
+        rows = x.reshape(-1, x.shape[-1])
+        out = self.quantized(rows).addmm_(rows.index_select(1, self.outliers), self.outlier_weight)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def quantized(self, rows: torch.Tensor) -> torch.Tensor:
+        """The int8 part of the outputs of `rows` [n, in]: all but the outlier channels' share and
+        the bias."""
+        inner = rows * self.keep
+        if rows.shape[0] == 1:  # one row: fbgemm's scale for the tensor is the row's own
+            return torch.ops.quantized.linear_dynamic(inner, self.packed, _REDUCE_RANGE)
+        # abs().amax(): linalg.vector_norm(ord=inf) is several times slower on a batch of rows.
+        peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)
+        return torch.ops.quantized.linear_dynamic(inner.div_(peak), self.packed, _REDUCE_RANGE).mul_(peak)
 
 
 class W8A8Linear(nn.Linear):
