@@ -73,7 +73,7 @@ class LlamaDecoder:
 
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         """One query position against the cache: [rows, heads, 1, dim] → [rows, heads * dim].
-        `mask` is boolean (None: attend to everything).
+        `mask` is added to the scores: -inf over padding (None: attend to everything).
 
         The query heads that share a KV head go in as one head's queries (grouped-query attention
         as a query length of heads / KV heads): PyTorch's CPU kernel then reads each KV head once,
@@ -99,7 +99,14 @@ class LlamaDecoder:
         # cat(x2, x1); the sign moves onto sin: one op per tensor instead of four, same numbers.
         half = self.head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        attend = None if bool(mask.all()) else mask.bool()[:, None, None, :]
+        attend = None
+        if not bool(mask.all()):  # -inf over padding, once for every layer (a boolean mask is
+            # converted by the attention kernel at each call)
+            dtype = getattr(cache.layers[0], "dtype", None) or h.dtype
+            attend = torch.zeros(mask.shape, dtype=dtype, device=h.device).masked_fill_(
+                mask == 0, float("-inf")
+            )
+            attend = attend[:, None, None, :]
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         for layer, kv, qkv, o, gate_up, down in zip(
             self.layers, cache.layers, self.qkv, self.o, self.gate_up, self.down, strict=True
@@ -176,8 +183,8 @@ class _Projections:
             if key != self._side_key:
                 self._side_key, self._side = key, self._side_weights(modules, width)
             down, up, lead, n = self._side
-            side = F.linear(x.to(down.dtype), down).mul_(context.columns(n, lead))
-            out = out.addmm_(side.to(out.dtype), up.to(out.dtype))
+            # The side weights are in the model's dtype (LoRA slots are; int8 computes in fp32).
+            out = out.addmm_(F.linear(x, down).mul_(context.columns(n, lead)), up)
         if self.int8 is not None and self.int8.bias is not None:
             out += self.int8.bias
         return out
@@ -204,5 +211,5 @@ class _Projections:
             select = ref.new_zeros((lead, ref.shape[1]))
             select[torch.arange(lead), outliers] = 1.0
             downs.insert(0, select)
-            up = torch.cat([self.int8.outlier_weight.to(ref.dtype), up])
+            up = torch.cat([self.int8.outlier_weight, up])
         return torch.cat(downs), up, lead, len(wrapped)
