@@ -136,9 +136,9 @@ class _Projections:
     Side matmuls: the LoRA updates of every member (the slots in use: their A side by side, their B
     as one block-diagonal matrix) and, for int8 layers, the full-precision share of the outlier
     channels (a one-hot selection of them next to the A's, their weights next to the B's) are two
-    matmuls for the whole group, the second added in place into the base output. At 16 rows with
-    4 adapters a small matmul costs ~20-30 µs, mostly fixed cost, so this is 2 where it was 2 per
-    member plus 2 for the outliers. Rebuilt when adapters change."""
+    matmuls for the whole group, the second added in place into the base output: 2 small matmuls
+    (20-40 µs each at 16 rows) where there were 2 per member plus 2 for the outliers, and none of
+    the adds and splits between them. Rebuilt when adapters change."""
 
     def __init__(self, parent: nn.Module, names: tuple[str, ...]):
         self.parent, self.names = parent, names

@@ -15,7 +15,8 @@ with int8 weights and bf16 activations (`aten._weight_int8pack_mm`, which this r
   scale, as if quantized alone: a batch's loudest row does not crush the others.
 - A token's few large channels would set its scale and crush the rest, so the input channels with
   the largest magnitudes on a short calibration text (`CALIBRATION_CHAT`) stay in full precision,
-  in a side matmul (LLM.int8()'s decomposition, with the outlier channels fixed at load time).
+  in a side matmul (LLM.int8()'s decomposition, with the outlier channels fixed at load time; the
+  decode step merges it with the LoRA matmuls, see `tunehouse.inference.decode._Projections`).
   Layers that read the same activations (q/k/v of an attention block, gate/up of an MLP; found in
   the calibration pass) quantize them once and share one matmul (`_SharedInput`).
 
