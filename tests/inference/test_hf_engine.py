@@ -17,7 +17,7 @@ from tunehouse.inference.engine import (
     SamplingParams,
     Usage,
 )
-from tunehouse.inference.hf import HFEngine, _Row
+from tunehouse.inference.hf import HFEngine, _Row, argmax_rows
 
 MESSAGES = [{"role": "user", "content": "Tell me something."}]
 
@@ -52,6 +52,20 @@ def adapters(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
     a = make_adapter(tiny_model_dir, root / "a", ["q_proj", "v_proj"], seed=1)
     b = make_adapter(tiny_model_dir, root / "b", ["o_proj", "down_proj", "up_proj"], seed=2)
     return a, b
+
+
+@pytest.mark.parametrize("width", [100, 2048, 3000, 49152, 49153])
+def test_argmax_rows_equals_torch_argmax(width):
+    import torch
+
+    gen = torch.Generator().manual_seed(width)
+    logits = torch.randn(6, width, generator=gen).mul_(4).round_()  # many equal values: ties
+    logits[1] = float("-inf")  # a row where everything is banned
+    logits[2, width // 2] = float("nan")
+    logits[3, width - 1] = 100.0  # the maximum in the last, partial block
+    logits[4, 0] = logits[4, width - 1] = 100.0  # tied maxima: the first wins
+    logits[5, 1024 if width > 2048 else 0] = 100.0  # the first column of a block
+    assert torch.equal(argmax_rows(logits, block=1024), logits.argmax(dim=-1))
 
 
 def test_engine_satisfies_protocol(engine):

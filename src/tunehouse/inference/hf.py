@@ -419,6 +419,26 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def argmax_rows(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` of a [rows, vocabulary] tensor, same answer (the first of equal
+    maxima; NaN counts as the largest), several times faster on a CPU: PyTorch's argmax kernel is
+    not vectorised (16 rows of 49,152: 350 µs, against 24 µs for `amax`), so the maximum of each
+    block of columns is found with `amax`, then the argmax runs inside the one block per row that
+    holds the row's maximum. When the width is not a multiple of `block`, the columns past the last
+    whole block are searched as the `block` columns that end the row: the columns that window shares
+    with the block before it all hold less than the maximum it was picked for."""
+    rows, width = logits.shape
+    n = width // block
+    if n < 2:
+        return logits.argmax(dim=-1)
+    peaks = logits[:, : n * block].view(rows, n, block).amax(dim=-1)
+    if n * block < width:
+        peaks = torch.cat([peaks, logits[:, n * block :].amax(dim=-1, keepdim=True)], dim=1)
+    start = (peaks.argmax(dim=-1) * block).clamp_(max=width - block)
+    window = logits.gather(1, start[:, None] + torch.arange(block, device=logits.device))
+    return start + window.argmax(dim=-1)
+
+
 def _clamp(x: float) -> float:
     return -9999.0 if x == float("-inf") else x  # what OpenAI reports for impossible tokens
 
@@ -881,7 +901,7 @@ class HFEngine(InferenceEngine):
                 allowed = s.matcher.allowed(width)
                 if allowed is not None:
                     logits[i].masked_fill_(~torch.from_numpy(allowed), float("-inf"))
-        tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep this
+        tokens = argmax_rows(logits).tolist()  # greedy rows keep this
         sampled = [i for i, s in enumerate(seqs) if s.req.params.temperature > 0]
         if sampled:
             temps = torch.tensor([seqs[i].req.params.temperature for i in sampled]).unsqueeze(1)
