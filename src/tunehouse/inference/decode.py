@@ -137,9 +137,9 @@ class _Projections:
     full-precision share of the outlier channels (a one-hot selection of them next to the A's)
     share one down-projection matmul for the whole group; its output is projected up in place
     into the base output, in one part per member (its B) and one for the outliers (their
-    weights; one part with the member's where they cover the same columns): at 16 rows, 1 + 4
-    small matmuls for q/k/v and 2 for o, where there were 2 per member plus 2 for the outliers,
-    and none of the adds and splits between them. Rebuilt when adapters change."""
+    weights; one part with the member's where they cover the same columns): for int8 q/k/v with
+    LoRA on all three, 1 + 4 small matmuls, and 2 for o, where there were 2 per member plus 2 for
+    the outliers, and none of the adds and splits between them. Rebuilt when adapters change."""
 
     def __init__(self, parent: nn.Module, names: tuple[str, ...]):
         self.parent, self.names = parent, names

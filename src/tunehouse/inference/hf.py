@@ -431,7 +431,7 @@ def argmax_rows(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
     n = width // block
     if n < 2:
         return logits.argmax(dim=-1)
-    peaks = logits[:, : n * block].view(rows, n, block).amax(dim=-1)
+    peaks = logits[:, : n * block].reshape(rows, n, block).amax(dim=-1)  # a view when rows are contiguous
     if n * block < width:
         peaks = torch.cat([peaks, logits[:, n * block :].amax(dim=-1, keepdim=True)], dim=1)
     start = (peaks.argmax(dim=-1) * block).clamp_(max=width - block)
