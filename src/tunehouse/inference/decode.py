@@ -162,7 +162,7 @@ class _Projections:
         ):
             self.int8 = group
         self._side_key: tuple | None = None
-        self._side: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
+        self._side: tuple[torch.Tensor, list[tuple[slice, slice, torch.Tensor]], int, int] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`x` [rows, in] → [rows, sum of out_features]."""
