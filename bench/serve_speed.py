@@ -17,6 +17,10 @@ compare ratios within one run. The last lines give the ratios against the faster
 
 Our engine runs twice too: as served by default, and with `TUNEHOUSE_INFERENCE_QUANTIZATION=int8`
 (int8 weights and activations, fp32 around them, whatever the CPU; `--no-int8` leaves it out).
+Its prefix cache is on, as served by default: the warm-up requests and each round's requests leave
+their prompts' beginnings in it (the chat template's default system prompt, shared by every prompt;
+from the second round, whole prompts but their last token), so prefills compute less than plain
+`generate`'s, which has no such cache. `--prefix-cache-mb 0` measures without it.
 
 Each contender lives in a process of its own. In one process they would slow each other down: once
 two threads have run multi-threaded torch ops (plain `generate` in the main thread, our engine in its
@@ -211,10 +215,11 @@ class Ours:
         streams: int,
         threads: int = 0,
         quantization="none",
+        prefix_cache_mb: int = 256,
     ):
         if threads:
             torch.set_num_threads(threads)
-        self.engine = engine = HFEngine(quantization=quantization)
+        self.engine = engine = HFEngine(quantization=quantization, prefix_cache_mb=prefix_cache_mb)
         self.dtype = engine.dtype
         self.streams = streams
         self.base = ModelRef("base", base_dir)
@@ -275,21 +280,46 @@ def main() -> None:
     )
     parser.add_argument("--models-dir", type=Path, default=REPO / ".cache" / "models")
     parser.add_argument("--no-int8", action="store_true", help="leave out the int8-weights engine")
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=256,
+        help="our engine's prefix cache (0: off; 256: the default)",
+    )
     args = parser.parse_args()
 
     base_dir = ensure_default_model(
         Settings(home=args.models_dir.parent / "home-unused", models_dir=args.models_dir)
     )
-    print(f"base {base_dir}, {args.tokens} new tokens per request, torch threads {torch.get_num_threads()}")
+    print(
+        f"base {base_dir}, {args.tokens} new tokens per request, torch threads {torch.get_num_threads()}, "
+        f"our prefix cache {args.prefix_cache_mb} MB"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(base_dir, Path(tmp), 4)
         contenders = {
-            "tunehouse": Contender(Ours, base_dir, adapters, args.tokens, args.streams, args.threads)
+            "tunehouse": Contender(
+                Ours,
+                base_dir,
+                adapters,
+                args.tokens,
+                args.streams,
+                args.threads,
+                "none",
+                args.prefix_cache_mb,
+            )
         }
         engine_dtype = contenders["tunehouse"].info["dtype"].removeprefix("torch.")
         if int8_supported(torch.device("cpu")) and not args.no_int8:
             contenders["tunehouse int8"] = Contender(
-                Ours, base_dir, adapters, args.tokens, args.streams, args.threads, "int8"
+                Ours,
+                base_dir,
+                adapters,
+                args.tokens,
+                args.streams,
+                args.threads,
+                "int8",
+                args.prefix_cache_mb,
             )
         contenders["plain generate (default fp32)"] = Contender(
             Plain, base_dir, None, args.tokens, args.streams, args.threads

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     )
     default_model: str = "smollm2-135m-instruct"
     inference_max_adapters: int = Field(default=8, description="Fine-tuned adapters kept loaded at once.")
+    inference_prefix_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description="Memory for the KV cache of prompt beginnings already read (per base model; 0: off): "
+        "a prompt that opens as an earlier one did (a fine-tuned model's system prompt) computes only the rest.",
+    )
     inference_quantization: Literal["none", "int8"] = Field(
         default="none",
         description="int8: serve with int8 base weights and activations on an x86 CPU (fbgemm; fp32 "

@@ -39,6 +39,7 @@ class AppState:
             self._engine = HFEngine(
                 dtype=self.settings.dtype,
                 max_adapters=self.settings.inference_max_adapters,
+                prefix_cache_mb=self.settings.inference_prefix_cache_mb,
                 quantization=self.settings.inference_quantization,
             )
         return self._engine

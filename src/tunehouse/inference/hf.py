@@ -71,6 +71,7 @@ from tunehouse.inference.engine import (
     Usage,
 )
 from tunehouse.inference.lora import MultiLora
+from tunehouse.inference.prefix import PrefixCache
 from tunehouse.inference.quantize import CALIBRATION_CHAT, int8_supported, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class _Base:
     lora: MultiLora | None = None  # the loaded adapters, created with the model
     decoder: LlamaDecoder | None = None  # the fast decode step, where the architecture has one
     kv_dtype: torch.dtype | None = None  # the KV cache's, where it differs from the model's
+    prefix: PrefixCache | None = None  # KV of prompt beginnings read before, where enabled and possible
     adapters: OrderedDict[str, int] = field(default_factory=OrderedDict)  # adapter folder → slot, LRU order
     grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built on first structured request
     token_bytes: dict[int, bytes] = field(default_factory=dict)  # for logprobs
@@ -456,9 +458,12 @@ class HFEngine(InferenceEngine):
         device: str = "auto",
         max_batch_size: int = 64,
         quantization: str = "none",
+        prefix_cache_mb: int = 256,
     ):
         if max_adapters < 1:
             raise ValueError("max_adapters must be at least 1")
+        if prefix_cache_mb < 0:
+            raise ValueError("prefix_cache_mb must be 0 (off) or more")
         self.device = resolve_device(device)
         if quantization not in ("none", "int8"):
             raise ValueError(f"unknown quantization {quantization!r}; use none or int8")
@@ -473,6 +478,7 @@ class HFEngine(InferenceEngine):
         self.quantization = quantization
         self.max_adapters = max_adapters
         self.max_batch_size = max_batch_size
+        self.prefix_cache_bytes = prefix_cache_mb * 2**20
         self._bases: dict[str, _Base] = {}
         self._lock = threading.Lock()  # guards _bases and starting the scheduler
         self._incoming: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -609,7 +615,7 @@ class HFEngine(InferenceEngine):
         with self._lock:
             bases, self._bases = list(self._bases.values()), {}
         for base in bases:
-            base.model = None
+            base.model = base.prefix = None
             base.adapters.clear()
         gc.collect()
         if self.device.type == "cuda":
@@ -694,6 +700,12 @@ class HFEngine(InferenceEngine):
         base.decoder = fast_decoder(model)
         if base.decoder is not None and self.device.type == "cpu" and self.dtype != torch.float32:
             base.kv_dtype = torch.float32  # see `_GrowingLayer`
+        # Cached beginnings go into a prompt's cache as its first positions: only where every layer
+        # keeps all positions (no sliding windows).
+        if self.prefix_cache_bytes and all(
+            type(layer) is _GrowingLayer for layer in _new_cache(model.config).layers
+        ):
+            base.prefix = PrefixCache(self.prefix_cache_bytes)
         log.info("loaded base model %s in %.1f s", base.path, time.perf_counter() - t0)
 
     def _ensure_adapter(self, base: _Base, adapter_path: Path | None, in_use: set[int]) -> int:
@@ -717,6 +729,8 @@ class HFEngine(InferenceEngine):
                 continue  # running sequences need it: evicted once they finish
             del base.adapters[old_key]
             base.lora.unload(old_slot)
+            if base.prefix is not None:
+                base.prefix.drop(old_key)
             log.info("evicted adapter %s (slot %d)", old_key, old_slot)
         slot = base.lora.load(Path(key))
         base.adapters[key] = slot
@@ -815,15 +829,45 @@ class HFEngine(InferenceEngine):
                 del self._batches[key]
 
     def _prefill(self, base: _Base, batch: _Batch, seqs: list[_Seq]) -> None:
-        length = max(len(s.req.prompt) for s in seqs)
+        """Read the prompts (each after its longest cached beginning, see `PrefixCache`) in one
+        forward pass, sample each sequence's first token and join the survivors to the batch.
+
+        Rows are left-padded twice: the cached beginnings end together at column C of the cache,
+        the rest of the prompts at its end, so each row is [pad, cached, pad, rest]; the mask
+        covers both pads and each row's positions count only its own tokens."""
+        owners = [
+            None if s.req.adapter_path is None else str(Path(s.req.adapter_path).resolve()) for s in seqs
+        ]
+        hits = [
+            None if base.prefix is None else base.prefix.lookup(owner, s.req.prompt)
+            for s, owner in zip(seqs, owners, strict=True)
+        ]
+        cached = [0 if hit is None else hit.shape[3] for hit in hits]
+        start = max(cached)  # C
+        length = max(len(s.req.prompt) - c for s, c in zip(seqs, cached, strict=True))
         ids = torch.full((len(seqs), length), base.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        for i, s in enumerate(seqs):  # left padding: every row's last position is its last token
-            ids[i, length - len(s.req.prompt) :] = torch.tensor(s.req.prompt)
-            mask[i, length - len(s.req.prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.zeros((len(seqs), start + length), dtype=torch.long)
+        for i, (s, c) in enumerate(zip(seqs, cached, strict=True)):
+            rest = s.req.prompt[c:]
+            ids[i, length - len(rest) :] = torch.tensor(rest)
+            mask[i, start - c : start] = 1
+            mask[i, start + length - len(rest) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
         cache = _new_cache(base.model.config, base.kv_dtype)
+        if start:  # the cached beginnings become the cache's first `start` positions
+            layers, _, heads, _, dim = next(hit for hit in hits if hit is not None).shape
+            kv = hits[cached.index(start)].new_zeros((layers, 2, len(seqs), heads, start, dim))
+            for i, hit in enumerate(hits):
+                if hit is not None:
+                    kv[:, :, i, :, start - cached[i] :] = hit
+            for layer, (keys, values) in zip(cache.layers, kv, strict=True):
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
         logits = self._forward(base, ids, mask, positions, cache, [s.adapter for s in seqs])
+        if base.prefix is not None:
+            for i, (s, owner) in enumerate(zip(seqs, owners, strict=True)):
+                if base.prefix.missing(owner, s.req.prompt):
+                    base.prefix.insert(owner, s.req.prompt, self._prompt_kv(cache, mask, i))
         self._sample(base, seqs, logits)
         keep = [i for i, s in enumerate(seqs) if not s.finished and not s.req.cancelled.is_set()]
         self._publish(seqs)
@@ -873,6 +917,20 @@ class HFEngine(InferenceEngine):
         else:
             batch.cache, batch.mask = self._select(batch.cache, batch.mask, keep)
             batch.seqs = [batch.seqs[i] for i in keep]
+
+    @staticmethod
+    def _prompt_kv(cache, mask: torch.Tensor, row: int) -> torch.Tensor:
+        """Row `row`'s keys and values after its prefill, padding left out: [layers, 2, kv heads,
+        prompt length, head dim]."""
+        index = mask[row].nonzero().squeeze(1)
+        return torch.stack(
+            [
+                torch.stack(
+                    [layer.keys[row].index_select(1, index), layer.values[row].index_select(1, index)]
+                )
+                for layer in cache.layers
+            ]
+        )
 
     @staticmethod
     def _select(cache, mask: torch.Tensor, keep: list[int]):
