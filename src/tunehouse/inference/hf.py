@@ -4,8 +4,9 @@ One scheduler thread per engine owns the models. Requests are queued by `submit`
 them first, in the caller's thread) and the thread loops:
 
   1. admit waiting requests: load their base model and adapter if needed, prefill their prompts
-     together (left-padded), sample each sequence's first token, and join them to the running
-     batch of that base (its KV cache padded on the left to a common length);
+     together (left-padded; each from the end of its longest beginning in the prefix cache,
+     `tunehouse.inference.prefix`), sample each sequence's first token, and join them to the
+     running batch of that base (its KV cache padded on the left to a common length);
   2. one decode step for every active sequence of a base, in one forward pass, whatever adapter
      each one uses (`tunehouse.inference.lora`: every loaded adapter sits in a slot of each
      LoRA-targeted layer and a per-row mask picks it; the base model is slot -1), through
