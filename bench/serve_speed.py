@@ -297,30 +297,23 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(base_dir, Path(tmp), 4)
-        contenders = {
-            "tunehouse": Contender(
+
+        def ours(quantization: str) -> Contender:
+            return Contender(
                 Ours,
                 base_dir,
                 adapters,
                 args.tokens,
                 args.streams,
                 args.threads,
-                "none",
+                quantization,
                 args.prefix_cache_mb,
             )
-        }
+
+        contenders = {"tunehouse": ours("none")}
         engine_dtype = contenders["tunehouse"].info["dtype"].removeprefix("torch.")
         if int8_supported(torch.device("cpu")) and not args.no_int8:
-            contenders["tunehouse int8"] = Contender(
-                Ours,
-                base_dir,
-                adapters,
-                args.tokens,
-                args.streams,
-                args.threads,
-                "int8",
-                args.prefix_cache_mb,
-            )
+            contenders["tunehouse int8"] = ours("int8")
         contenders["plain generate (default fp32)"] = Contender(
             Plain, base_dir, None, args.tokens, args.streams, args.threads
         )
