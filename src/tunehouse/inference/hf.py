@@ -856,8 +856,9 @@ class HFEngine(InferenceEngine):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
         cache = _new_cache(base.model.config, base.kv_dtype)
         if start:  # the cached beginnings become the cache's first `start` positions
-            layers, _, heads, _, dim = next(hit for hit in hits if hit is not None).shape
-            kv = hits[cached.index(start)].new_zeros((layers, 2, len(seqs), heads, start, dim))
+            longest = hits[cached.index(start)]
+            layers, _, heads, _, dim = longest.shape
+            kv = longest.new_zeros((layers, 2, len(seqs), heads, start, dim))
             for i, hit in enumerate(hits):
                 if hit is not None:
                     kv[:, :, i, :, start - cached[i] :] = hit
@@ -923,7 +924,7 @@ class HFEngine(InferenceEngine):
     def _prompt_kv(cache, mask: torch.Tensor, row: int) -> torch.Tensor:
         """Row `row`'s keys and values after its prefill, padding left out: [layers, 2, kv heads,
         prompt length, head dim]."""
-        index = mask[row].nonzero().squeeze(1)
+        index = mask[row].nonzero().squeeze(1).to(cache.layers[0].keys.device)
         return torch.stack(
             [
                 torch.stack(
