@@ -75,10 +75,6 @@ class PrefixCache:
         for key in [k for k in self._entries if k[1] == owner]:
             self.bytes -= self._entries.pop(key)[1].nbytes
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
-
     def _walk(
         self, owner: str | None, prompt: list[int], limit: int
     ) -> tuple[list[tuple], list[torch.Tensor]]:
