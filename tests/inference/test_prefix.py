@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -109,6 +110,70 @@ def test_answers_with_the_prefix_cache_equal_answers_without(tiny_model_dir, ada
         owners = {key[1] for key in prefix._entries}
         assert owners == {None, *(str(p.resolve()) for p in adapters)}
         assert 0 < prefix.bytes <= prefix.max_bytes
+    finally:
+        engine.close()
+
+
+def test_one_prefill_of_rows_with_cached_beginnings_of_every_length_answers_as_without(tiny_model_dir):
+    """Admission held until four requests wait, so one prefill takes them all: a whole prompt
+    cached but its last token, the system prompt only (twice, rests of different lengths), and
+    nothing (another system prompt): `[pad, cached, pad, rest]` rows of every shape, each
+    answering as the engine does with the cache off."""
+    base = ModelRef("tiny", tiny_model_dir)
+    other = {"role": "system", "content": "Be brief."}
+    chats = [
+        [SYSTEM, {"role": "user", "content": QUESTIONS[1] * 3}],
+        [SYSTEM, {"role": "user", "content": QUESTIONS[2]}],
+        [other, {"role": "user", "content": QUESTIONS[0]}],
+        [SYSTEM, {"role": "user", "content": QUESTIONS[3] * 2}],
+    ]
+    # The tiny model's greedy text is often a run of newlines: its log probabilities (of the
+    # five likeliest tokens at each step) tell a wrong cache apart.
+    params = greedy(8, logprobs=True, top_logprobs=5)
+
+    def answer(engine: HFEngine, chat: list[dict]) -> tuple[str, list[float]]:
+        choice = engine.chat(base, chat, params).choices[0]
+        return choice.text, [top.logprob for entry in choice.logprobs for top in entry.top_logprobs]
+
+    reference = HFEngine(dtype="float32", prefix_cache_mb=0)
+    try:
+        expected = [answer(reference, chat) for chat in chats]
+    finally:
+        reference.close()
+
+    engine = HFEngine(dtype="float32")
+    try:
+        assert answer(engine, chats[0])[0] == expected[0][0]  # and now it is cached
+        prefix = engine._bases[str(tiny_model_dir.resolve())].prefix
+        looked_up: dict[tuple[int, ...], int] = {}  # prompt → tokens found cached
+        lookup, admit = prefix.lookup, engine._admit
+
+        def spy_lookup(owner, prompt):
+            hit = lookup(owner, prompt)
+            looked_up[tuple(prompt)] = 0 if hit is None else hit.shape[3]
+            return hit
+
+        def held_admit():  # the scheduler thread: wait for all four, then admit them together
+            if engine._waiting or not engine._incoming.empty():
+                deadline = time.monotonic() + 30
+                while len(engine._waiting) + engine._incoming.qsize() < len(chats):
+                    assert time.monotonic() < deadline, "the requests did not arrive"
+                    time.sleep(0.001)
+                while not engine._incoming.empty():
+                    engine._waiting.append(engine._incoming.get_nowait())
+            admit()
+
+        prefix.lookup, engine._admit = spy_lookup, held_admit
+        with ThreadPoolExecutor(len(chats)) as pool:
+            got = list(pool.map(lambda chat: answer(engine, chat), chats))
+        for (text, logprobs), (want_text, want_logprobs) in zip(got, expected, strict=True):
+            assert text == want_text
+            assert logprobs == pytest.approx(want_logprobs, abs=1e-4)
+        prompts = [engine.encode_chat(base, chat) for chat in chats]
+        assert len(looked_up) == len(chats)  # one prefill
+        found = [looked_up[tuple(prompt)] for prompt in prompts]
+        assert found[0] == (len(prompts[0]) - 1) // 16 * 16  # the whole first prompt but its last token
+        assert 0 < found[1] == found[3] < found[0] and found[2] == 0
     finally:
         engine.close()
 
