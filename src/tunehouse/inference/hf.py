@@ -287,6 +287,8 @@ class _Request:
     ):
         self.base = base
         self.adapter_path = adapter_path
+        # Names the adapter in the base's loaded adapters and in its prefix cache: one key for both.
+        self.adapter_key = None if adapter_path is None else str(Path(adapter_path).resolve())
         self.prompt = prompt
         self.params = params
         self.max_new = max_new
@@ -709,18 +711,18 @@ class HFEngine(InferenceEngine):
             base.prefix = PrefixCache(self.prefix_cache_bytes)
         log.info("loaded base model %s in %.1f s", base.path, time.perf_counter() - t0)
 
-    def _ensure_adapter(self, base: _Base, adapter_path: Path | None, in_use: set[int]) -> int:
-        """The slot of a request's adapter, loading it (and evicting the least recently used
-        adapter no running sequence needs) if it is not loaded; -1 for the base model."""
-        if adapter_path is None:
+    def _ensure_adapter(self, base: _Base, key: str | None, in_use: set[int]) -> int:
+        """The slot of a request's adapter (`_Request.adapter_key`), loading it (and evicting the
+        least recently used adapter no running sequence needs) if it is not loaded; -1 for the base
+        model."""
+        if key is None:
             return -1
-        key = str(Path(adapter_path).resolve())
         slot = base.adapters.get(key)
         if slot is not None:
             base.adapters.move_to_end(key)
             return slot
         if not (Path(key) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter folder not found or has no adapter_config.json: {adapter_path}")
+            raise FileNotFoundError(f"adapter folder not found or has no adapter_config.json: {key}")
         t0 = time.perf_counter()
         # Evict first, so the new adapter can take a freed slot rather than a new one.
         for old_key, old_slot in list(base.adapters.items()):
@@ -817,7 +819,7 @@ class HFEngine(InferenceEngine):
                 in_use = {s.adapter for s in batch.seqs}
                 for req in reqs:
                     try:
-                        adapter = self._ensure_adapter(base, req.adapter_path, in_use)
+                        adapter = self._ensure_adapter(base, req.adapter_key, in_use)
                     except Exception as e:
                         self._finished_request(req, error=e)
                         continue
@@ -836,9 +838,7 @@ class HFEngine(InferenceEngine):
         Rows are left-padded twice: the cached beginnings end together at column C of the cache,
         the rest of the prompts at its end, so each row is [pad, cached, pad, rest]; the mask
         covers both pads and each row's positions count only its own tokens."""
-        owners = [
-            None if s.req.adapter_path is None else str(Path(s.req.adapter_path).resolve()) for s in seqs
-        ]
+        owners = [s.req.adapter_key for s in seqs]
         hits = [
             None if base.prefix is None else base.prefix.lookup(owner, s.req.prompt)
             for s, owner in zip(seqs, owners, strict=True)
