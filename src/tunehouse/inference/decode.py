@@ -59,6 +59,7 @@ class LlamaDecoder:
         self.inv_freq = inner.rotary_emb.inv_freq.float()
         self.rope_scale = inner.rotary_emb.attention_scaling
         self.fp32 = self.embed.weight.dtype == torch.float32
+        self.cpu = self.embed.weight.device.type == "cpu"
         self.qkv = [_Projections(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
         self.o = [_Projections(layer.self_attn, ("o_proj",)) for layer in self.layers]
         self.gate_up = [_Projections(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
@@ -73,17 +74,33 @@ class LlamaDecoder:
 
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         """One query position against the cache: [rows, heads, 1, dim] → [rows, heads * dim].
-        `mask` is added to the scores: -inf over padding (None: attend to everything).
+        `mask` is added to the scores: -inf over padding (None: attend to everything); on a CPU
+        [rows * KV heads, 1, cache length], elsewhere [rows, 1, 1, cache length].
 
         The query heads that share a KV head go in as one head's queries (grouped-query attention
-        as a query length of heads / KV heads): PyTorch's CPU kernel then reads each KV head once,
-        not once per query head (SmolLM2-135M, 16 rows, 150 cached positions: 170 µs a layer
-        against 260 with `enable_gqa`). A cache kept in fp32 for a bf16 model on a CPU (see
-        `_GrowingLayer` in hf.py) is attended in fp32: PyTorch's bf16 CPU attention kernel is
-        several times slower for this (16 rows, 80 cached positions: 900 µs against 120)."""
+        as a query length of heads / KV heads), so each KV head is read once, not once per query
+        head. A cache kept in fp32 for a bf16 model on a CPU (see `_GrowingLayer` in hf.py) is
+        attended in fp32: PyTorch's bf16 CPU attention kernel is several times slower for this
+        (16 rows, 80 cached positions: 900 µs against 120).
+
+        On a CPU the attention is two batched matmuls and a softmax rather than PyTorch's fused
+        kernel: a decode step reads the whole cache once per layer, more than the caches hold, and
+        the fused kernel's small blocks read memory more slowly than matmuls over each KV head's
+        keys and values (16 rows, 30 layers' caches of 64 positions out of cache: 124 µs a layer
+        against 209; the engine's 16-stream step: about 1 ms less)."""
         rows, heads, _, dim = q.shape
-        grouped = q.reshape(rows, self.n_kv_heads, heads // self.n_kv_heads, dim).to(k.dtype)
-        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=self.scale)
+        kv_heads, length = self.n_kv_heads, k.shape[-2]
+        if not self.cpu:
+            grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim).to(k.dtype)
+            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=self.scale)
+            return out.to(q.dtype).reshape(rows, heads * dim)
+        grouped = q.reshape(rows * kv_heads, heads // kv_heads, dim).to(k.dtype)
+        keys = k.reshape(rows * kv_heads, length, dim).transpose(1, 2)  # views of the cache
+        if mask is None:
+            scores = torch.bmm(grouped, keys).mul_(self.scale)
+        else:
+            scores = torch.baddbmm(mask, grouped, keys, alpha=self.scale)
+        out = torch.bmm(scores.softmax(dim=-1), v.reshape(rows * kv_heads, length, dim))
         return out.to(q.dtype).reshape(rows, heads * dim)
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
@@ -106,7 +123,10 @@ class LlamaDecoder:
             attend = torch.zeros(mask.shape, dtype=dtype, device=h.device).masked_fill_(
                 mask == 0, float("-inf")
             )
-            attend = attend[:, None, None, :]
+            if self.cpu:  # one row of the mask for each KV head (see _attend)
+                attend = attend.repeat_interleave(self.n_kv_heads, dim=0)[:, None, :]
+            else:
+                attend = attend[:, None, None, :]
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         for layer, kv, qkv, o, gate_up, down in zip(
             self.layers, cache.layers, self.qkv, self.o, self.gate_up, self.down, strict=True
