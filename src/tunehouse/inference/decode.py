@@ -11,7 +11,8 @@ one-stream step. Besides:
 - q/k/v and gate/up run as one matmul each; the LoRA updates and int8 outlier channels of a block
   share one down-projection matmul, then one small matmul per member (`_Projections`);
 - grouped-query attention reads each KV head once, and a bf16 model on a CPU attends in fp32
-  against a cache kept in fp32 (`LlamaDecoder._attend`).
+  against a cache kept in fp32; on a CPU as batched matmuls rather than the fused kernel
+  (`LlamaDecoder._attend`).
 On fp32 its logits equal transformers' within 1e-5 (tests/inference/test_decode.py); prompts
 (prefill) still go through transformers.
 
