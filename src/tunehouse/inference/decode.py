@@ -88,7 +88,8 @@ class LlamaDecoder:
         kernel: a decode step reads the whole cache once per layer, more than the caches hold, and
         the fused kernel's small blocks read memory more slowly than matmuls over each KV head's
         keys and values (16 rows, 30 layers' caches of 64 positions out of cache: 124 µs a layer
-        against 209; the engine's 16-stream step: about 1 ms less)."""
+        against 209; a whole 16-row int8 step with 4 adapters, in a loop: 22.35 → 22.10 ms at 60
+        cached positions, 25.73 → 25.09 ms at 110)."""
         rows, heads, _, dim = q.shape
         kv_heads, length = self.n_kv_heads, k.shape[-2]
         if not self.cpu:
@@ -96,7 +97,7 @@ class LlamaDecoder:
             out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=self.scale)
             return out.to(q.dtype).reshape(rows, heads * dim)
         grouped = q.reshape(rows * kv_heads, heads // kv_heads, dim).to(k.dtype)
-        keys = k.reshape(rows * kv_heads, length, dim).transpose(1, 2)  # views of the cache
+        keys = k.reshape(rows * kv_heads, length, dim).transpose(1, 2)  # a view of _GrowingLayer's buffer
         if mask is None:
             scores = torch.bmm(grouped, keys).mul_(self.scale)
         else:
