@@ -339,8 +339,8 @@ class _GrowingLayer(DynamicLayer):
     permuted views of them in transformers' layout [batch, KV heads, length, head dim]. Batch-major
     buffers would leave the capacity's spare positions between each row's used ones, and PyTorch's
     CPU `bmm` reads such gapped batches far more slowly than the decode step's attention reads
-    position-major ones (16 rows, 85 of 128 positions, 30 layers out of cache: about 190 against
-    165 µs a layer for both matmuls); each step's new position is also one contiguous write.
+    position-major ones (16 rows, 85 of 128 positions, 30 layers out of cache: 209 against 167 µs
+    a layer for both matmuls, best of 30); each step's new position is also one contiguous write.
 
     `store_dtype` keeps the cache in another dtype than the model's: fp32 for bf16 models on a CPU,
     whose decode step (`tunehouse.inference.decode`) attends in fp32 because PyTorch's bf16 CPU
