@@ -10,7 +10,7 @@ from tests.inference.test_quantize import _calibration_ids, _model
 from tunehouse.inference.decode import LlamaDecoder, fast_decoder
 from tunehouse.inference.engine import ModelRef
 from tunehouse.inference.hf import HFEngine, _new_cache
-from tunehouse.inference.lora import MultiLora
+from tunehouse.inference.lora import LoraLinear, MultiLora
 from tunehouse.inference.quantize import quantize_int8
 
 # Three prompts of different lengths, left-padded as the engine pads them.
@@ -81,18 +81,59 @@ def test_int8_and_bf16_decode_steps_stay_with_transformers(tiny_model_dir):
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
 
 
-def test_int8_decode_steps_with_adapters_equal_transformers(tiny_model_dir, adapters):  # noqa: F811
+def test_int8_decode_steps_with_adapters_stay_with_transformers(tiny_model_dir, adapters):  # noqa: F811
     model = _model(tiny_model_dir, torch.float32)
     quantize_int8(model, _calibration_ids(tiny_model_dir))
     lora = MultiLora(model, n_slots=2)
     a, b = lora.load(adapters[0]), lora.load(adapters[1])
     lora.set_rows([b, a, -1])
     decoder = fast_decoder(model)
-    # Every block's int8 layers are one group: their outlier channels and LoRA updates are the
-    # side matmuls of the decode step, where transformers' forward computes them layer by layer.
+    # Every block's int8 layers are one group, LoRA updates computed with it.
     assert all(p.int8 is not None for p in decoder.qkv + decoder.o + decoder.gate_up + decoder.down)
     want, got = _decode_both_ways(model, decoder)
+    # The step's LoRA A's are int8 (rows of the int8 matmul), transformers' fp32: close (how close
+    # layer by layer: the next test).
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05)
+    # Without adapters the step computes exactly what transformers' forward does.
+    lora.set_rows([-1, -1, -1])
+    want, got = _decode_both_ways(model, decoder)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_lora_down_projections_ride_in_the_int8_matmul(tiny_model_dir, adapters):  # noqa: F811
+    model = _model(tiny_model_dir, torch.float32)
+    quantize_int8(model, _calibration_ids(tiny_model_dir))
+    lora = MultiLora(model, n_slots=3)
+    a, b = lora.load(adapters[0]), lora.load(adapters[1])  # a on q/v, b on o/up/down
+    decoder = fast_decoder(model)
+    block = model.model.layers[0]
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        lora.set_rows([-1, -1, -1])
+        plain = decoder.qkv[0](x).clone()
+        lora.set_rows([a, b, -1])
+        members = [getattr(block.self_attn, n) for n in ("q_proj", "k_proj", "v_proj")]
+        assert [isinstance(m, LoraLinear) for m in members] == [True, False, True]
+        exact = plain + torch.cat(
+            [m.delta(x) if isinstance(m, LoraLinear) else x.new_zeros(3, m.out_features) for m in members],
+            dim=1,
+        )
+        got = decoder.qkv[0](x)
+        # Row 0's adapter changes q and v, in int8 close to the fp32 update; row 1's adapter does
+        # not touch q/k/v and row 2 has none: their outputs stay the base model's.
+        update = (exact[0] - plain[0]).abs().max()
+        assert update > 0.05
+        assert (got[0] - exact[0]).abs().max() < 0.05 * update
+        torch.testing.assert_close(got[1:], plain[1:])
+        # A slot no row uses still takes part (the packed weight covers every loaded adapter)...
+        lora.set_rows([a, -1, -1])
+        torch.testing.assert_close(decoder.qkv[0](x)[0], got[0])
+        # ...and loading another adapter repacks it.
+        packed = decoder.qkv[0]._side[0]
+        c = lora.load(adapters[0])
+        lora.set_rows([c, -1, -1])
+        torch.testing.assert_close(decoder.qkv[0](x)[0], got[0])
+        assert decoder.qkv[0]._side[0] is not packed
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ the highest slot in use (slots are handed out lowest first), and only that many 
 columns of B_all take part. Two dense matmuls per layer whatever the mix of adapters; the extra
 width (slots * r columns) is small next to the layer's own. Adapters of a smaller rank are
 zero-padded to r, which adds exactly nothing. (The decode step goes further and computes the
-updates of q/k/v together, in the base layers' own output: `tunehouse.inference.decode._Projections`.)
+updates of q/k/v together, in the base layers' own output, and for int8 base layers computes
+the A's in the int8 matmul itself: `tunehouse.inference.decode._Projections`.)
 
 Loading reads the adapter's own files (adapter_config.json, adapter_model.safetensors) as PEFT saved
 them; what PEFT can express but this does not (DoRA, fan_in_fan_out, trained non-LoRA modules,
@@ -44,6 +45,7 @@ class LoraContext:
         # one in use (slots are handed out lowest first), so idle slots cost no multiplications.
         self.mask: torch.Tensor | None = None
         self.version = 0  # bumped whenever an adapter's weights change (for what is built from them)
+        self.loaded = 0  # the highest slot holding an adapter, plus one
         self._columns: dict[tuple[int, int], torch.Tensor] = {}
 
     def set_rows(self, slots: list[int], rank: int, dtype, device) -> None:
@@ -58,13 +60,15 @@ class LoraContext:
         mask = onehot[:, :used].repeat_interleave(rank, dim=1)
         self.mask = mask.to(device=device, dtype=dtype).unsqueeze(1)
 
-    def columns(self, n: int, lead: int = 0) -> torch.Tensor:
-        """The mask as [batch, lead + n * width]: `lead` columns of ones, then the mask `n` times
-        (for `n` layers' updates computed at once, after `lead` columns that are not LoRA's)."""
-        key = (n, lead)
+    def columns(self, n: int, width: int = 0) -> torch.Tensor:
+        """The mask as [batch, n * width]: for `n` layers' updates computed at once, each over
+        `width` columns (at least the mask's; zeros past it, for slots no row uses)."""
+        width = max(width, self.mask.shape[-1])
+        key = (n, width)
         if key not in self._columns:
-            mask = self.mask.squeeze(1).repeat(1, n)
-            self._columns[key] = torch.cat([mask.new_ones((mask.shape[0], lead)), mask], dim=1)
+            mask = self.mask.squeeze(1)
+            mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
+            self._columns[key] = mask.repeat(1, n)
         return self._columns[key]
 
 
@@ -205,6 +209,7 @@ class MultiLora:
         self.free.sort()  # lowest first: the slots in use stay packed at the front (`LoraContext`)
         slot = self.free.pop(0)
         self.context.version += 1
+        self.context.loaded = max(self.context.loaded, slot + 1)
         for name, layer in self.layers.items():
             pair = weights.get(name)
             if pair is None:
@@ -219,6 +224,7 @@ class MultiLora:
         for layer in self.layers.values():
             layer.put(slot, None, None, 0.0)
         self.free.append(slot)
+        self.context.loaded = max((s + 1 for s in range(self.n_slots) if s not in self.free), default=0)
 
     def _wrap(self, name: str) -> None:
         parent_name, _, child = name.rpartition(".")

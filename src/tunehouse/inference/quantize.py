@@ -15,8 +15,7 @@ with int8 weights and bf16 activations (`aten._weight_int8pack_mm`, which this r
   scale, as if quantized alone: a batch's loudest row does not crush the others.
 - A token's few large channels would set its scale and crush the rest, so the input channels with
   the largest magnitudes on a short calibration text (`CALIBRATION_CHAT`) stay in full precision,
-  in a side matmul (LLM.int8()'s decomposition, with the outlier channels fixed at load time; the
-  decode step merges it with the LoRA matmuls, see `tunehouse.inference.decode._Projections`).
+  in a side matmul (LLM.int8()'s decomposition, with the outlier channels fixed at load time).
   Layers that read the same activations (q/k/v of an attention block, gate/up of an MLP; found in
   the calibration pass) quantize them once and share one matmul (`_SharedInput`).
 
@@ -25,7 +24,9 @@ On SmolLM2-135M the mean KL divergence from fp32's next-token distribution is ab
 (`bench/int8_quality.py`). SmoothQuant-style scaling instead of the outlier matmul was tried and
 doubled the divergence.
 
-Embeddings and norms are untouched; LoRA adapters stay in fp32 on top of the quantized base layers.
+Embeddings and norms are untouched. LoRA adapters stay in fp32 on top of the quantized base layers,
+but for their A's in the decode step, which become extra rows of their block's int8 matmul
+(`packed_with`; see `tunehouse.inference.decode._Projections`).
 """
 
 from __future__ import annotations
@@ -116,15 +117,27 @@ class _SharedInput:
             out += self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def quantized(self, rows: torch.Tensor) -> torch.Tensor:
+    def quantized(self, rows: torch.Tensor, packed=None) -> torch.Tensor:
         """The int8 part of the outputs of `rows` [n, in]: all but the outlier channels' share and
-        the bias."""
+        the bias. `packed`: a weight from `packed_with` instead of the group's own."""
+        packed = self.packed if packed is None else packed
         inner = rows * self.keep
         if rows.shape[0] == 1:  # one row: fbgemm's scale for the tensor is the row's own
-            return torch.ops.quantized.linear_dynamic(inner, self.packed, _REDUCE_RANGE)
+            return torch.ops.quantized.linear_dynamic(inner, packed, _REDUCE_RANGE)
         # abs().amax(): linalg.vector_norm(ord=inf) is several times slower on a batch of rows.
         peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)
-        return torch.ops.quantized.linear_dynamic(inner.div_(peak), self.packed, _REDUCE_RANGE).mul_(peak)
+        return torch.ops.quantized.linear_dynamic(inner.div_(peak), packed, _REDUCE_RANGE).mul_(peak)
+
+    def packed_with(self, extra: torch.Tensor):
+        """The group's int8 weight with more output rows after its own: `extra` [k, in], full
+        precision, quantized as the rest (one scale per row, the outlier channels left out: their
+        share goes into an outlier matmul as the group's does). Unpacks the group's weight: ~4 ms
+        for a block of SmolLM2-135M, so callers keep the result."""
+        own = torch.ops.quantized.linear_unpack(self.packed)[0]
+        qextra, scales = _quantize_channels(extra.float() * self.keep)
+        return _pack(
+            torch.cat([own.int_repr(), qextra]), torch.cat([own.q_per_channel_scales().float(), scales])
+        )
 
 
 class W8A8Linear(nn.Linear):
