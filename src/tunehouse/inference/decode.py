@@ -154,7 +154,7 @@ class _Projections:
     weight becomes a view, so transformers' forward (prefills) sees the same layers and no memory is
     added. A bf16 matmul of 16 rows by 576 costs nearly as much for 192 outputs (k, v) as for 576
     (q): fused, q/k/v take 90 µs, not 147. int8 layers already share one matmul per input (see
-    quantize.py); here only their int8 part runs on its own.
+    quantize.py).
 
     LoRA updates (the slots in use): every member's A in one down-projection matmul for the group,
     then its output projected up in place into the base output, one small matmul per member (its
@@ -164,8 +164,10 @@ class _Projections:
     On int8 base layers the A's are not a matmul of their own: quantized like the base weight, they
     are extra output rows of the group's int8 matmul (and their share of the outlier channels extra
     columns of its outlier matmul), so the down-projection reads int8 instead of fp32 weights and
-    costs no call (16 rows, 4 adapters on q/k/v/o, SmolLM2-135M: the step's median 51.2 → 47.9
-    and 44.2 → 41.5 ms; next-token KL from an fp32 engine 0.0106 → 0.0113). Repacking the weight
+    costs no call of its own (16 rows, 4 adapters on q/k/v/o, SmolLM2-135M, alternating with an
+    fp32 down-projection in one process: the step's median 54.4 → 52.3 ms at 85 cached positions,
+    45.9 → 44.6 at 60; next-token KL from an fp32 engine with the same adapters, on random-token
+    contexts, 0.0106 → 0.0113). Repacking the weight
     takes ~4 ms a block, so it covers every loaded adapter's slot, not only the slots a batch uses
     (which change as requests come and go), and is redone only when adapters load or leave; the
     packed copy holds the group's int8 weight a second time (the group keeps its own for prefills
