@@ -134,6 +134,13 @@ def test_int8_lora_down_projections_ride_in_the_int8_matmul(tiny_model_dir, adap
         lora.set_rows([c, -1, -1])
         torch.testing.assert_close(decoder.qkv[0](x)[0], got[0])
         assert decoder.qkv[0]._side[0] is not packed
+        # The packed width follows the highest loaded slot as adapters leave.
+        lora.unload(c)
+        assert lora.context.loaded == 2
+        lora.unload(a)
+        assert lora.context.loaded == 2  # b still sits in slot 1
+        lora.unload(b)
+        assert lora.context.loaded == 0
 
 
 @pytest.mark.parametrize(

@@ -167,12 +167,12 @@ class _Projections:
     costs no call of its own (16 rows, 4 adapters on q/k/v/o, SmolLM2-135M, alternating with an
     fp32 down-projection in one process: the step's median 54.4 → 52.3 ms at 85 cached positions,
     45.9 → 44.6 at 60; next-token KL from an fp32 engine with the same adapters, on random-token
-    contexts, 0.0106 → 0.0113). Repacking the weight
-    takes ~4 ms a block, so it covers every loaded adapter's slot, not only the slots a batch uses
-    (which change as requests come and go), and is redone only when adapters load or leave; the
-    packed copy holds the group's int8 weight a second time (the group keeps its own for prefills
-    and steps without adapters). The transformers forward of prefills keeps its fp32 A's: prompt
-    and decode step differ by int8 rounding, as the int8 base layers' own."""
+    contexts, 0.0106 → 0.0113). Repacking the weight takes ~4 ms a block, so it covers every
+    loaded adapter's slot, not only the slots a batch uses (which change as requests come and go),
+    and is redone only when adapters load or leave; the packed copy holds the group's int8 weight a
+    second time (the group keeps its own for prefills and steps without adapters). Prefills, through
+    transformers' forward, keep the fp32 A's: prompt and decode step differ by int8 rounding, as
+    the int8 base layers' own do."""
 
     def __init__(self, parent: nn.Module, names: tuple[str, ...]):
         self.parent, self.names = parent, names
