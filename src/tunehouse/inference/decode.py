@@ -203,7 +203,9 @@ class _Projections:
         wrapped = [m for m in modules if isinstance(m, LoraLinear)]
         context = wrapped[0].context if wrapped and wrapped[0].context.mask is not None else None
         if self.int8 is not None:
-            return self.int8.full(x) if context is None else self._int8_with_lora(x, context, modules)
+            return (
+                self.int8.full(x) if context is None else self._int8_with_lora(x, context, modules, wrapped)
+            )
         if self.weight is not None:
             out = F.linear(x, self.weight)
         else:
@@ -220,8 +222,9 @@ class _Projections:
                 out[:, columns].addmm_(side[:, part], up)
         return out
 
-    def _int8_with_lora(self, x: torch.Tensor, context, modules: list[nn.Module]) -> torch.Tensor:
-        wrapped = [m for m in modules if isinstance(m, LoraLinear)]
+    def _int8_with_lora(
+        self, x: torch.Tensor, context, modules: list[nn.Module], wrapped: list[LoraLinear]
+    ) -> torch.Tensor:
         group, total = self.int8, sum(self.sizes)
         width = context.loaded * wrapped[0].rank  # every loaded slot (see the class's docstring)
         key = (context.version, width, tuple(id(m) for m in wrapped))

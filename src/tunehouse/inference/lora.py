@@ -209,7 +209,7 @@ class MultiLora:
         self.free.sort()  # lowest first: the slots in use stay packed at the front (`LoraContext`)
         slot = self.free.pop(0)
         self.context.version += 1
-        self.context.loaded = max(self.context.loaded, slot + 1)
+        self._count_loaded()
         for name, layer in self.layers.items():
             pair = weights.get(name)
             if pair is None:
@@ -224,6 +224,9 @@ class MultiLora:
         for layer in self.layers.values():
             layer.put(slot, None, None, 0.0)
         self.free.append(slot)
+        self._count_loaded()
+
+    def _count_loaded(self) -> None:
         self.context.loaded = max((s + 1 for s in range(self.n_slots) if s not in self.free), default=0)
 
     def _wrap(self, name: str) -> None:
