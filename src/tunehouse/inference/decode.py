@@ -12,7 +12,8 @@ one-stream step. Besides:
   (on int8 layers, extra rows of the int8 matmul itself), then one small matmul per member
   (`_Projections`);
 - grouped-query attention reads each KV head once, and a bf16 model on a CPU attends in fp32
-  against a cache kept in fp32; on a CPU as batched matmuls rather than the fused kernel
+  against a cache kept in fp32; on a CPU through a native kernel that reads the cache in memory
+  order (`tunehouse.inference.native`), or batched matmuls where it cannot be built
   (`LlamaDecoder._attend`).
 On fp32 its logits equal transformers' within 1e-5 (tests/inference/test_decode.py); prompts
 (prefill) still go through transformers.
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunehouse.inference.lora import LoraLinear
+from tunehouse.inference.native import decode_attention
 from tunehouse.inference.quantize import W8A8Linear, _SharedInput
 
 
@@ -62,6 +64,8 @@ class LlamaDecoder:
         self.rope_scale = inner.rotary_emb.attention_scaling
         self.fp32 = self.embed.weight.dtype == torch.float32
         self.cpu = self.embed.weight.device.type == "cpu"
+        # The native attention kernel for fp32 caches on a CPU, where it can be built (see _attend).
+        self.native = decode_attention() if self.cpu and self.head_dim in (16, 32, 64, 128) else None
         self.qkv = [_Projections(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
         self.o = [_Projections(layer.self_attn, ("o_proj",)) for layer in self.layers]
         self.gate_up = [_Projections(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
@@ -76,8 +80,8 @@ class LlamaDecoder:
 
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         """One query position against the cache: [rows, heads, 1, dim] → [rows, heads * dim].
-        `mask` is added to the scores: -inf over padding (None: attend to everything); on a CPU
-        [rows * KV heads, 1, cache length], elsewhere [rows, 1, 1, cache length].
+        `mask` is added to the scores: -inf over padding (None: attend to everything), in the layout
+        `_attention_mask` gives it for this cache.
 
         The query heads that share a KV head go in as one head's queries (grouped-query attention
         as a query length of heads / KV heads), so each KV head is read once, not once per query
@@ -85,14 +89,19 @@ class LlamaDecoder:
         attended in fp32: PyTorch's bf16 CPU attention kernel is several times slower for this
         (16 rows, 80 cached positions: 900 µs against 120).
 
-        On a CPU the attention is two batched matmuls and a softmax rather than PyTorch's fused
-        kernel: a decode step reads the whole cache once per layer, more than the caches hold, and
-        the fused kernel's small blocks read memory more slowly than matmuls over each KV head's
-        keys and values (16 rows, 30 layers' caches of 64 positions out of cache: 124 µs a layer
-        against 209; a whole 16-row int8 step with 4 adapters, in a loop: 22.35 → 22.10 ms at 60
-        cached positions, 25.73 → 25.09 ms at 110)."""
+        On a CPU, an fp32 cache goes through the native kernel (`tunehouse.inference.native`) where
+        it could be built: it reads the position-major cache in memory order, a few positions
+        ahead, where PyTorch's batched matmuls read it far below the memory's speed (16 rows, 85
+        cached positions, 30 layers' caches out of cache: 171-256 µs a layer against 331-410 for
+        the matmuls and softmax in the same runs; a 16-row int8 step with 4 adapters, alternating:
+        49.0 → 43.1 ms at 60-124 positions). Otherwise two batched matmuls and a softmax rather than PyTorch's fused
+        kernel, whose small blocks read the cache more slowly still (64 positions: 124 µs a layer
+        against 209)."""
         rows, heads, _, dim = q.shape
         kv_heads, length = self.n_kv_heads, k.shape[-2]
+        if self._native_for(k.dtype):
+            out = self.native(q.reshape(rows, heads, dim).float(), k, v, mask, self.scale)
+            return out.to(q.dtype)
         if not self.cpu:
             grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim).to(k.dtype)
             out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=self.scale)
@@ -105,6 +114,26 @@ class LlamaDecoder:
             scores = torch.baddbmm(mask, grouped, keys, alpha=self.scale)
         out = torch.bmm(scores.softmax(dim=-1), v.reshape(rows * kv_heads, length, dim))
         return out.to(q.dtype).reshape(rows, heads * dim)
+
+    def _native_for(self, cache_dtype: torch.dtype) -> bool:
+        return self.native is not None and cache_dtype == torch.float32
+
+    def _attention_mask(self, mask: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor | None:
+        """`mask` [rows, cache length] (0 over left padding) as `_attend` adds it to the scores:
+        -inf over padding, built once for every layer (a boolean mask would be converted by the
+        attention kernel at each call); None where there is no padding. [rows, length] for the
+        native kernel, [rows * KV heads, 1, length] for the batched matmuls (one row for each KV
+        head), [rows, 1, 1, length] for `scaled_dot_product_attention`."""
+        if bool(mask.all()):
+            return None
+        attend = torch.zeros(mask.shape, dtype=cache_dtype, device=mask.device).masked_fill_(
+            mask == 0, float("-inf")
+        )
+        if self._native_for(cache_dtype):
+            return attend
+        if self.cpu:
+            return attend.repeat_interleave(self.n_kv_heads, dim=0)[:, None, :]
+        return attend[:, None, None, :]
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """`ids` and `positions` [batch, 1]; `mask` [batch, cache length + 1], 0 over left padding;
@@ -119,17 +148,8 @@ class LlamaDecoder:
         # cat(x2, x1); the sign moves onto sin: one op per tensor instead of four, same numbers.
         half = self.head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        attend = None
-        if not bool(mask.all()):  # -inf over padding, once for every layer (a boolean mask is
-            # converted by the attention kernel at each call)
-            dtype = getattr(cache.layers[0], "dtype", None) or h.dtype
-            attend = torch.zeros(mask.shape, dtype=dtype, device=h.device).masked_fill_(
-                mask == 0, float("-inf")
-            )
-            if self.cpu:  # one row of the mask for each KV head (see _attend)
-                attend = attend.repeat_interleave(self.n_kv_heads, dim=0)[:, None, :]
-            else:
-                attend = attend[:, None, None, :]
+        cache_dtype = getattr(cache.layers[0], "dtype", None) or h.dtype
+        attend = self._attention_mask(mask, cache_dtype)
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         for layer, kv, qkv, o, gate_up, down in zip(
             self.layers, cache.layers, self.qkv, self.o, self.gate_up, self.down, strict=True
