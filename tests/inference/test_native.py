@@ -1,5 +1,5 @@
-"""The native decode attention kernel (`tunehouse.inference.native`) computes what PyTorch's
-attention computes, on the cache layouts the engine gives it."""
+"""The native decode ops (`tunehouse.inference.native`) compute what PyTorch's ops compute, on the
+layouts the engine gives them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from tests.inference.test_quantize import _model
 from tunehouse.inference.decode import fast_decoder
-from tunehouse.inference.native import decode_attention
+from tunehouse.inference.native import native_ops
+from tunehouse.inference.quantize import _SharedInput
 
 # Built wherever there is a compiler (CI's machines have one): a failed build fails here, rather
 # than leaving the kernel untested behind the fallback.
@@ -39,8 +40,9 @@ def _reference(q, k, v, mask, scale):
 def test_it_matches_pytorch_attention_on_a_position_major_cache_with_padding(
     rows, heads, kv_heads, dim, length
 ):
-    kernel = decode_attention()
-    assert kernel is not None, "the native kernel did not build (see the log)"
+    ops = native_ops()
+    assert ops is not None, "the native ops did not build (see the log)"
+    kernel = ops.decode_attention
     gen = torch.Generator().manual_seed(rows * length + dim)
     # The engine's cache: [capacity, rows, KV heads, dim] buffers, seen as [rows, KV heads, length, dim].
     capacity = length + 7
@@ -63,8 +65,7 @@ def test_it_matches_pytorch_attention_on_a_position_major_cache_with_padding(
 
 
 def test_it_refuses_what_it_does_not_handle():
-    kernel = decode_attention()
-    assert kernel is not None
+    kernel = native_ops().decode_attention
     q, kv = torch.randn(2, 4, 48), torch.randn(2, 2, 5, 48)
     with pytest.raises(RuntimeError, match="head dim"):
         kernel(q, kv, kv, None, 1.0)
@@ -72,6 +73,38 @@ def test_it_refuses_what_it_does_not_handle():
         kernel(q.double(), kv.double(), kv.double(), None, 1.0)
 
 
-def test_the_decoder_attends_with_it_on_a_cpu(tiny_model_dir):
+def test_rms_norm_matches_pytorch():
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(16, 576, generator=gen) * 5, torch.randn(576, generator=gen)
+    got = native_ops().rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(got, F.rms_norm(x, (576,), weight, 1e-5), atol=1e-6, rtol=1e-6)
+    strided = torch.randn(3, 1000, generator=gen)[:, :576]  # a row stride longer than the row
+    torch.testing.assert_close(
+        native_ops().rms_norm(strided, weight, 1e-5), F.rms_norm(strided, (576,), weight, 1e-5)
+    )
+
+
+def test_int8_inputs_are_pytorchs_exactly_and_the_int8_matmul_stays_the_same():
+    gen = torch.Generator().manual_seed(1)
+    linears = [torch.nn.Linear(96, 40, bias=False), torch.nn.Linear(96, 24, bias=False)]
+    x = torch.randn(16, 96, generator=gen)
+    x[:, 7] *= 40  # an outlier channel
+    group = _SharedInput(linears, x.abs().amax(0))
+    scaled, peak, outliers = native_ops().int8_inputs(x, group.keep, group.outliers)
+    inner = x * group.keep
+    want_peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)
+    assert torch.equal(peak, want_peak)
+    assert torch.equal(scaled, inner / want_peak)
+    assert torch.equal(outliers, x.index_select(1, group.outliers))
+    assert 7 in group.outliers.tolist() and bool((scaled[:, 7] == 0).all())
+    native = group.matmul(x)
+    group.native = None  # PyTorch's ops
+    torch.testing.assert_close(native, group.matmul(x), atol=0, rtol=0)
+    zeros = torch.zeros(2, 96)  # the peak's floor: no division by zero
+    group.native = native_ops()
+    assert bool(group.matmul(zeros).eq(0).all())
+
+
+def test_the_decoder_uses_them_on_a_cpu(tiny_model_dir):
     decoder = fast_decoder(_model(tiny_model_dir, torch.float32))
-    assert decoder is not None and decoder.native is not None
+    assert decoder is not None and decoder.native is not None and decoder.native_attention

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunehouse.inference.lora import LoraLinear
-from tunehouse.inference.native import decode_attention
+from tunehouse.inference.native import native_ops
 from tunehouse.inference.quantize import W8A8Linear, _SharedInput
 
 
@@ -64,8 +64,10 @@ class LlamaDecoder:
         self.rope_scale = inner.rotary_emb.attention_scaling
         self.fp32 = self.embed.weight.dtype == torch.float32
         self.cpu = self.embed.weight.device.type == "cpu"
-        # The native attention kernel for fp32 caches on a CPU, where it can be built (see _attend).
-        self.native = decode_attention() if self.cpu and self.head_dim in (16, 32, 64, 128) else None
+        # Native ops on a CPU, where they can be built: attention over fp32 caches (see _attend),
+        # fp32 norms.
+        self.native = native_ops() if self.cpu else None
+        self.native_attention = self.native is not None and self.head_dim in (16, 32, 64, 128)
         self.qkv = [_Projections(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
         self.o = [_Projections(layer.self_attn, ("o_proj",)) for layer in self.layers]
         self.gate_up = [_Projections(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
@@ -74,6 +76,8 @@ class LlamaDecoder:
 
     def _norm(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if self.fp32:
+            if self.native is not None:  # one op where ATen's takes six
+                return self.native.rms_norm(h, module.weight, self.eps)
             return F.rms_norm(h, (self.hidden,), module.weight, self.eps)
         # transformers' RMSNorm: normalise in fp32, cast back, then scale; three ops instead of seven.
         return module.weight * F.rms_norm(h.float(), (self.hidden,), None, self.eps).to(h.dtype)
@@ -100,7 +104,7 @@ class LlamaDecoder:
         rows, heads, _, dim = q.shape
         kv_heads, length = self.n_kv_heads, k.shape[-2]
         if self._native_for(k.dtype):
-            out = self.native(q.reshape(rows, heads, dim).float(), k, v, mask, self.scale)
+            out = self.native.decode_attention(q.reshape(rows, heads, dim).float(), k, v, mask, self.scale)
             return out.to(q.dtype)
         if not self.cpu:
             grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim).to(k.dtype)
@@ -116,7 +120,7 @@ class LlamaDecoder:
         return out.to(q.dtype).reshape(rows, heads * dim)
 
     def _native_for(self, cache_dtype: torch.dtype) -> bool:
-        return self.native is not None and cache_dtype == torch.float32
+        return self.native_attention and cache_dtype == torch.float32
 
     def _attention_mask(self, mask: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor | None:
         """`mask` [rows, cache length] (0 over left padding) as `_attend` adds it to the scores:
@@ -254,7 +258,7 @@ class _Projections:
             self._side_key, self._side = key, (group.packed_with(down), outliers.contiguous(), ups)
         packed, outlier_weight, ups = self._side
         # [rows, total + members * width]: the base outputs, then each member's down-projection.
-        out = group.quantized(x, packed).addmm_(x.index_select(1, group.outliers), outlier_weight)
+        out = group.matmul(x, packed, outlier_weight)
         out[:, total:].mul_(context.columns(len(wrapped), width))
         for columns, part, up in ups:
             out[:, columns].addmm_(out[:, part], up)

@@ -36,6 +36,8 @@ import warnings
 import torch
 from torch import nn
 
+from tunehouse.inference.native import native_ops
+
 # Rendered with the model's own chat template to find each layer's outlier channels. Varied on
 # purpose (prose, lists, numbers, JSON, code): outlier channels are a property of the model, but a
 # single short sentence might not light them all up.
@@ -93,6 +95,7 @@ class _SharedInput:
         self.spans = list(zip([0, *ends[:-1]], ends, strict=True))
         self._input: torch.Tensor | None = None
         self._outputs: list[torch.Tensor | None] = []
+        self.native = native_ops()  # the input preparation in one op, where it can be built
 
     def output(self, member: int, x: torch.Tensor) -> torch.Tensor:
         if self._input is not x or self._outputs[member] is None:
@@ -112,21 +115,29 @@ class _SharedInput:
     def full(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output, side by side."""
         rows = x.reshape(-1, x.shape[-1])
-        out = self.quantized(rows).addmm_(rows.index_select(1, self.outliers), self.outlier_weight)
+        out = self.matmul(rows)
         if self.bias is not None:
             out += self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def quantized(self, rows: torch.Tensor, packed=None) -> torch.Tensor:
-        """The int8 part of the outputs of `rows` [n, in]: all but the outlier channels' share and
-        the bias. `packed`: a weight from `packed_with` instead of the group's own."""
+    def matmul(self, rows: torch.Tensor, packed=None, outlier_weight=None) -> torch.Tensor:
+        """`rows` [n, in] times the weight, but for the bias: the int8 matmul plus the outlier
+        channels' full-precision one. `packed` and `outlier_weight`: a weight from `packed_with`
+        and its outlier columns instead of the group's own."""
         packed = self.packed if packed is None else packed
+        outlier_weight = self.outlier_weight if outlier_weight is None else outlier_weight
+        if self.native is not None and rows.dtype == torch.float32:  # one op for the five below
+            scaled, peak, outliers = self.native.int8_inputs(rows, self.keep, self.outliers)
+            out = torch.ops.quantized.linear_dynamic(scaled, packed, _REDUCE_RANGE).mul_(peak)
+            return out.addmm_(outliers, outlier_weight)
         inner = rows * self.keep
         if rows.shape[0] == 1:  # one row: fbgemm's scale for the tensor is the row's own
-            return torch.ops.quantized.linear_dynamic(inner, packed, _REDUCE_RANGE)
-        # abs().amax(): linalg.vector_norm(ord=inf) is several times slower on a batch of rows.
-        peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)
-        return torch.ops.quantized.linear_dynamic(inner.div_(peak), packed, _REDUCE_RANGE).mul_(peak)
+            out = torch.ops.quantized.linear_dynamic(inner, packed, _REDUCE_RANGE)
+        else:
+            # abs().amax(): linalg.vector_norm(ord=inf) is several times slower on a batch of rows.
+            peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)
+            out = torch.ops.quantized.linear_dynamic(inner.div_(peak), packed, _REDUCE_RANGE).mul_(peak)
+        return out.addmm_(rows.index_select(1, self.outliers), outlier_weight)
 
     def packed_with(self, extra: torch.Tensor):
         """The group's int8 weight with more output rows after its own: `extra` [k, in], full

@@ -1,12 +1,21 @@
-"""Native CPU kernels for serving, compiled on first use with the machine's C++ compiler.
+"""Native CPU ops for the decode step, compiled on first use with the machine's C++ compiler.
 
-`decode_attention` is the attention of a decode step (see `decode_attention.cpp`): PyTorch has no
-kernel that reads a position-major KV cache at memory speed on a CPU, and there is no maintained
-package with one for our torch. It is built once per machine through PyTorch's own extension
-builder (`torch.utils.cpp_extension.load`: g++ and ninja, ~20 s, cached under
+`decode_ops.cpp` holds them: the attention of a decode step (PyTorch has no kernel that reads a
+position-major KV cache at memory speed on a CPU, and there is no maintained package with one for
+our torch), and the RMS norm and int8 input preparation, one pass each where ATen takes five to
+seven small ops. They are built once per machine through PyTorch's own extension builder
+(`torch.utils.cpp_extension.load`: a C++ compiler and ninja, ~20 s, cached under
 `$TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions, and rebuilt when the source
-changes), for this CPU (`-march=native`). Where it cannot be built (no compiler, or
+changes), for this CPU (`-march=native`). Where they cannot be built (no compiler, or
 `TUNEHOUSE_NATIVE_KERNELS=0`), callers keep PyTorch's ops: the same results, slower.
+
+The ops, on CPU float32 tensors (`torch.ops.tunehouse_native.<name>`):
+- `decode_attention(q, k, v, mask, scale)`: q [rows, heads, head dim], k and v [rows, KV heads,
+  length, head dim] (any strides but a contiguous head dim), mask [rows, length] added to the
+  scores (-inf over padding) or None; head dim 16, 32, 64 or 128. Returns [rows, heads * head dim].
+- `rms_norm(x, weight, eps)`: x [rows, hidden] → `F.rms_norm(x, (hidden,), weight, eps)`.
+- `int8_inputs(x, keep, outliers)`: what an int8 layer group's matmuls read (see
+  `tunehouse.inference.quantize._SharedInput.matmul`).
 """
 
 from __future__ import annotations
@@ -15,34 +24,31 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("decode_attention.cpp")
+_SOURCE = Path(__file__).with_name("decode_ops.cpp")
 _lock = threading.Lock()
-_loaded: dict[str, Callable | None] = {}
+_built: list[Any] = []  # [the ops namespace, or None where it could not be built], once tried
 
 
-def decode_attention() -> Callable | None:
-    """`torch.ops.tunehouse_native.decode_attention(q, k, v, mask, scale)`, or None where it cannot
-    be built here. q [rows, heads, head dim], k and v [rows, KV heads, length, head dim] (any
-    strides but a contiguous head dim), all float32 on the CPU; mask [rows, length] added to the
-    scores (-inf over padding) or None; head dim 16, 32, 64 or 128. Returns [rows, heads * head dim]."""
+def native_ops() -> Any | None:
+    """`torch.ops.tunehouse_native`, built on the first call; None where it cannot be built here."""
     with _lock:
-        if "decode_attention" not in _loaded:
-            _loaded["decode_attention"] = _build()
-        return _loaded["decode_attention"]
+        if not _built:
+            _built.append(_build())
+        return _built[0]
 
 
-def _build() -> Callable | None:
+def _build() -> Any | None:
     if os.environ.get("TUNEHOUSE_NATIVE_KERNELS", "1") == "0":
         return None
     if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
-        log.warning("no C++ compiler or ninja: decode attention stays on PyTorch's (slower) ops")
+        log.warning("no C++ compiler or ninja: the decode step stays on PyTorch's (slower) ops")
         return None
     from torch.utils.cpp_extension import load
 
@@ -56,6 +62,6 @@ def _build() -> Callable | None:
             verbose=False,
         )
     except Exception:
-        log.warning("building the native decode attention failed; using PyTorch's ops", exc_info=True)
+        log.warning("building the native decode ops failed; using PyTorch's ops", exc_info=True)
         return None
-    return torch.ops.tunehouse_native.decode_attention
+    return torch.ops.tunehouse_native

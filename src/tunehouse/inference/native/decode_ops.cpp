@@ -1,17 +1,24 @@
-// The attention of a decode step on a CPU: one query position per row against a KV cache, for
-// `tunehouse.inference.decode.LlamaDecoder` (see tunehouse/inference/native/__init__.py).
+// Native CPU ops of the decode step (see tunehouse/inference/native/__init__.py).
 //
-// A decode step reads every cached key and value once per layer, and on a 2-core CPU PyTorch's
-// batched matmuls read them at a fraction of the memory's speed. This reads the cache in the
-// order it lies in memory (the engine's cache is position-major: a position's keys for every row
-// and KV head side by side), prefetching a few positions ahead, and computes each KV head's
-// query heads (grouped-query attention) against one read of its keys and values.
+// decode_attention: one query position per row against a KV cache, for
+// `tunehouse.inference.decode.LlamaDecoder`. A decode step reads every cached key and value once per
+// layer, and on a 2-core CPU PyTorch's batched matmuls read them at a fraction of the memory's
+// speed. This reads the cache in the order it lies in memory (the engine's cache is position-major:
+// a position's keys for every row and KV head side by side), prefetching a few positions ahead, and
+// computes each KV head's query heads (grouped-query attention) against one read of its keys and
+// values.
+//
+// rms_norm and int8_inputs: the small ops around a decode step's matmuls, each one pass over a
+// [rows, hidden] tensor instead of the five to seven ATen ops (each ~3 µs of dispatch and
+// allocation, more than the arithmetic at 16 rows) that compute the same numbers.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -174,10 +181,82 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// x * rsqrt(mean(x^2) + eps) * weight over each row of x [rows, hidden] (transformers' RMSNorm in
+// fp32, as F.rms_norm computes it).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x [rows, hidden], float32, CPU");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.scalar_type() == at::kFloat,
+              "weight [hidden], float32");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  at::Tensor out = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * hidden;
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < hidden; ++i) total += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(total / static_cast<float>(hidden) + static_cast<float>(eps));
+    float* orow = op + r * hidden;
+#pragma omp simd
+    for (int64_t i = 0; i < hidden; ++i) orow[i] = xr[i] * inv * wp[i];
+  }
+  return out;
+}
+
+// What an int8 layer group (tunehouse/inference/quantize.py, `_SharedInput`) feeds its two matmuls,
+// from x [rows, in]: each row with its outlier channels zeroed (`keep` 0 there, 1 elsewhere) and
+// divided by its own peak magnitude (clamped at 1e-8), the peaks [rows, 1], and the outlier
+// channels' values [rows, outliers]. The same arithmetic as `x * keep`, `abs().amax()`, `clamp_`,
+// `div_` and `index_select`, so the same numbers.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_inputs(const at::Tensor& x, const at::Tensor& keep,
+                                                           const at::Tensor& outliers) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x [rows, in], float32, CPU");
+  TORCH_CHECK(keep.dim() == 1 && keep.size(0) == x.size(1) && keep.scalar_type() == at::kFloat,
+              "keep [in], float32");
+  TORCH_CHECK(outliers.dim() == 1 && outliers.scalar_type() == at::kLong, "outliers [k], int64");
+  const at::Tensor xc = x.contiguous(), kc = keep.contiguous(), oc = outliers.contiguous();
+  const int64_t rows = x.size(0), width = x.size(1), n_out = outliers.size(0);
+  const int64_t* idx = oc.data_ptr<int64_t>();
+  for (int64_t j = 0; j < n_out; ++j) TORCH_CHECK(idx[j] >= 0 && idx[j] < width, "outlier channel out of range");
+  at::Tensor scaled = at::empty_like(xc);
+  at::Tensor peaks = at::empty({rows, 1}, xc.options());
+  at::Tensor gathered = at::empty({rows, n_out}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  float* sp = scaled.data_ptr<float>();
+  float* pp = peaks.data_ptr<float>();
+  float* gp = gathered.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * width;
+    float* sr = sp + r * width;
+    float peak = 0.f;
+#pragma omp simd reduction(max : peak)
+    for (int64_t i = 0; i < width; ++i) {
+      sr[i] = xr[i] * kp[i];
+      peak = std::max(peak, std::abs(sr[i]));
+    }
+    peak = std::max(peak, 1e-8f);
+    pp[r] = peak;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) sr[i] = sr[i] / peak;
+    for (int64_t j = 0; j < n_out; ++j) gp[r * n_out + j] = xr[idx[j]];
+  }
+  return {scaled, peaks, gathered};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tunehouse_native, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("int8_inputs(Tensor x, Tensor keep, Tensor outliers) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tunehouse_native, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(tunehouse_native, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("int8_inputs", &int8_inputs);
+}
