@@ -108,3 +108,18 @@ def test_int8_inputs_are_pytorchs_exactly_and_the_int8_matmul_stays_the_same():
 def test_the_decoder_uses_them_on_a_cpu(tiny_model_dir):
     decoder = fast_decoder(_model(tiny_model_dir, torch.float32))
     assert decoder is not None and decoder.native is not None and decoder.native_attention
+
+
+def test_a_build_lock_left_by_an_interrupted_build_is_removed(tmp_path, monkeypatch):
+    from tunehouse.inference import native
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = native._build_directory()
+    assert folder.is_dir() and tmp_path in folder.parents
+    lock = folder / "lock"
+    lock.touch()
+    native._build_directory()
+    assert lock.exists()  # a build may be running: left alone
+    os.utime(lock, (0, 0))
+    native._build_directory()
+    assert not lock.exists()

@@ -6,7 +6,7 @@ our torch), and the RMS norm and int8 input preparation, one pass each where ATe
 seven small ops. They are built once per machine through PyTorch's own extension builder
 (`torch.utils.cpp_extension.load`: a C++ compiler and ninja, ~20 s, cached under
 `$TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions, and rebuilt when the source
-changes), for this CPU (`-march=native`). Where they cannot be built (no compiler, or
+changes; see `_build_directory`), for this CPU (`-march=native`). Where they cannot be built (no compiler, or
 `TUNEHOUSE_NATIVE_KERNELS=0`), callers keep PyTorch's ops: the same results, slower.
 
 The ops, on CPU float32 tensors (`torch.ops.tunehouse_native.<name>`):
@@ -20,10 +20,13 @@ The ops, on CPU float32 tensors (`torch.ops.tunehouse_native.<name>`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ def _build() -> Any | None:
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP: torch's own libgomp, already loaded
+            build_directory=str(_build_directory()),
             is_python_module=False,
             verbose=False,
         )
@@ -65,3 +69,22 @@ def _build() -> Any | None:
         log.warning("building the native decode ops failed; using PyTorch's ops", exc_info=True)
         return None
     return torch.ops.tunehouse_native
+
+
+def _build_directory() -> Path:
+    """Where the build goes, one folder per Python and torch version (as torch's default is).
+
+    PyTorch's builder takes a lock file there while it compiles, and a process that finds one
+    waits for it to go, forever: a build killed midway (a stopped server, a timed-out test) would
+    leave every later start waiting. A build takes ~20 s, so a lock older than 10 minutes is such
+    a leftover, and is removed."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    folder = Path(root) / tag / "tunehouse_native"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > 600:
+            log.warning("removing a stale build lock left by an interrupted build: %s", lock)
+            lock.unlink()
+    return folder
