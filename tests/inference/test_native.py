@@ -62,6 +62,11 @@ def test_it_matches_pytorch_attention_on_a_position_major_cache_with_padding(
     # Any strides with a contiguous head dimension: batch-major too.
     k2, v2 = k.contiguous(), v.contiguous()
     torch.testing.assert_close(kernel(q, k2, v2, mask, scale), kernel(q, k, v, mask, scale))
+    # Masked positions weigh exactly nothing, whatever they hold.
+    if length > 1:
+        before = kernel(q, k, v, mask, scale)
+        v_buffer[: length // 2, 0] = 1e38
+        assert torch.equal(kernel(q, k, v, mask, scale), before)
 
 
 def test_it_refuses_what_it_does_not_handle():

@@ -96,11 +96,11 @@ class LlamaDecoder:
         On a CPU, an fp32 cache goes through the native kernel (`tunehouse.inference.native`) where
         it could be built: it reads the position-major cache in memory order, a few positions
         ahead, where PyTorch's batched matmuls read it far below the memory's speed (16 rows, 85
-        cached positions, 30 layers' caches out of cache: 171-256 µs a layer against 331-410 for
+        cached positions, 30 layers' caches out of cache: 164-256 µs a layer against 262-410 for
         the matmuls and softmax in the same runs; a 16-row int8 step with 4 adapters, alternating:
-        49.0 → 43.1 ms at 60-124 positions). Otherwise two batched matmuls and a softmax rather than PyTorch's fused
-        kernel, whose small blocks read the cache more slowly still (64 positions: 124 µs a layer
-        against 209)."""
+        49.0 → 43.1 ms at 60-124 positions). Otherwise two batched matmuls and a softmax rather
+        than PyTorch's fused kernel, whose small blocks read the cache more slowly still (64
+        positions: 124 µs a layer against 209)."""
         rows, heads, _, dim = q.shape
         kv_heads, length = self.n_kv_heads, k.shape[-2]
         if self._native_for(k.dtype):

@@ -18,11 +18,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <tuple>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -49,10 +49,10 @@ inline float hsum(vf v) {
 
 // exp(x) for x <= 0 (a score minus its row's peak), written so that the compiler vectorises it (a
 // call to expf would not be): 2^(x log2 e) = 2^n 2^f with f in [-0.5, 0.5] and 2^f a degree-6
-// polynomial, relative error ~2e-7 (fp32's rounding). Below -87 (exp < 1.6e-38) it gives ~0.
+// polynomial, relative error ~2e-7 (fp32's rounding). Below -87 (exp < 1.6e-38) it gives 0, so
+// that masked positions (-inf) weigh exactly nothing, as in PyTorch's softmax.
 inline float softmax_exp(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
+  const float t = std::max(x, -87.0f) * 1.44269504088896341f;
   const float n = __builtin_nearbyintf(t);
   const float f = t - n;
   float p = 1.535336188319500e-4f;
@@ -65,7 +65,7 @@ inline float softmax_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return x < -87.0f ? 0.0f : p * scale;
 }
 
 // Positions read ahead: the next positions' keys (values) of a row lie a whole position's worth of
@@ -89,7 +89,7 @@ void attend(int64_t begin, int64_t end, int64_t heads, int64_t kv_heads, int64_t
   constexpr int C = DIM / 16;
   const int64_t group = heads / kv_heads, n = end - begin;
   std::vector<float> scores(n * group * length);
-  std::vector<vf> acc(n * group * C, vf{});
+  std::vector<float> acc(n * group * DIM, 0.f);
   for (int64_t p = 0; p < length; ++p) {
     for (int64_t u = 0; u < n; ++u) {
       const int64_t b = (begin + u) / kv_heads, h = (begin + u) % kv_heads;
@@ -132,16 +132,14 @@ void attend(int64_t begin, int64_t end, int64_t heads, int64_t kv_heads, int64_t
       for (int c = 0; c < C; ++c) value[c] = load(vr + 16 * c);
       for (int64_t g = 0; g < group; ++g) {
         const float w = scores[(u * group + g) * length + p];
-        vf* a = acc.data() + (u * group + g) * C;
-        for (int c = 0; c < C; ++c) a[c] += w * value[c];
+        float* a = acc.data() + (u * group + g) * DIM;
+        for (int c = 0; c < C; ++c) store(a + 16 * c, load(a + 16 * c) + w * value[c]);
       }
     }
   }
   for (int64_t u = 0; u < n; ++u) {
     const int64_t b = (begin + u) / kv_heads, h = (begin + u) % kv_heads;
-    for (int64_t g = 0; g < group; ++g)
-      for (int c = 0; c < C; ++c)
-        store(out + (b * heads + h * group + g) * DIM + 16 * c, acc[(u * group + g) * C + c]);
+    std::copy_n(acc.data() + u * group * DIM, group * DIM, out + (b * heads + h * group) * DIM);
   }
 }
 
