@@ -79,6 +79,17 @@ struct Strides {
   int64_t row, head, position;
 };
 
+// Row b's KV head h at position p of a cache (keys or values) into `out`, prefetching the same row
+// and head AHEAD positions on.
+template <int DIM>
+inline void load_position(const float* cache, Strides st, int64_t b, int64_t h, int64_t p, int64_t length,
+                          vf (&out)[DIM / 16]) {
+  const float* at = cache + b * st.row + h * st.head + p * st.position;
+  if (p + AHEAD < length)
+    for (int c = 0; c < DIM; c += 16) __builtin_prefetch(at + AHEAD * st.position + c);
+  for (int c = 0; c < DIM / 16; ++c) out[c] = load(at + 16 * c);
+}
+
 // The units (row, KV head) [begin, end): the scores of all their query heads, position by
 // position (so the cache is read in memory order), then a softmax per query head, then the values
 // position by position into accumulators.
@@ -93,11 +104,8 @@ void attend(int64_t begin, int64_t end, int64_t heads, int64_t kv_heads, int64_t
   for (int64_t p = 0; p < length; ++p) {
     for (int64_t u = 0; u < n; ++u) {
       const int64_t b = (begin + u) / kv_heads, h = (begin + u) % kv_heads;
-      const float* kr = k + b * ks.row + h * ks.head + p * ks.position;
-      if (p + AHEAD < length)
-        for (int c = 0; c < DIM; c += 16) __builtin_prefetch(kr + AHEAD * ks.position + c);
       vf key[C];
-      for (int c = 0; c < C; ++c) key[c] = load(kr + 16 * c);
+      load_position<DIM>(k, ks, b, h, p, length, key);
       const float add = mask ? mask[b * length + p] : 0.f;
       const float* qb = q + (b * heads + h * group) * DIM;
       for (int64_t g = 0; g < group; ++g) {
@@ -125,11 +133,8 @@ void attend(int64_t begin, int64_t end, int64_t heads, int64_t kv_heads, int64_t
   for (int64_t p = 0; p < length; ++p) {
     for (int64_t u = 0; u < n; ++u) {
       const int64_t b = (begin + u) / kv_heads, h = (begin + u) % kv_heads;
-      const float* vr = v + b * vs.row + h * vs.head + p * vs.position;
-      if (p + AHEAD < length)
-        for (int c = 0; c < DIM; c += 16) __builtin_prefetch(vr + AHEAD * vs.position + c);
       vf value[C];
-      for (int c = 0; c < C; ++c) value[c] = load(vr + 16 * c);
+      load_position<DIM>(v, vs, b, h, p, length, value);
       for (int64_t g = 0; g < group; ++g) {
         const float w = scores[(u * group + g) * length + p];
         float* a = acc.data() + (u * group + g) * DIM;
