@@ -127,7 +127,8 @@ class _SharedInput:
         packed = self.packed if packed is None else packed
         outlier_weight = self.outlier_weight if outlier_weight is None else outlier_weight
         # One native op for the five below (for one row too: dividing by its peak changes ~nothing).
-        if self.native is not None and rows.dtype == torch.float32:
+        # Inputs are fp32: quantize_int8 takes fp32 models only.
+        if self.native is not None:
             scaled, peak, outliers = self.native.int8_inputs(rows, self.keep, self.outliers)
             out = torch.ops.quantized.linear_dynamic(scaled, packed, _REDUCE_RANGE).mul_(peak)
             return out.addmm_(outliers, outlier_weight)
