@@ -291,6 +291,8 @@ def run_baseline(cfg: dict) -> dict:
 
 
 def run_ours(cfg: dict) -> dict:
+    from tunehouse.hardware import resolve_device, resolve_dtype
+    from tunehouse.training import loop
     from tunehouse.training.hparams import BASE_LEARNING_RATE, Hyperparameters
     from tunehouse.training.recipes import supervised
 
@@ -321,7 +323,7 @@ def run_ours(cfg: dict) -> dict:
         def should_stop(self):
             return False
 
-    spec = supervised.TrainSpec(
+    spec = loop.TrainSpec(
         base_model_path=Path(cfg["model"]),
         train_file=Path(cfg["train_file"]),
         valid_file=None,
@@ -332,15 +334,15 @@ def run_ours(cfg: dict) -> dict:
         seed=cfg["seed"],
     )
     captured: dict[str, float] = {}
-    original_save = supervised.save_checkpoint
+    original_save = loop.save_checkpoint
 
     def save_after_rss(*a, **k):
         captured["rss"] = peak_rss_mb()  # before saving, as for the baseline
         return original_save(*a, **k)
 
-    supervised.save_checkpoint = save_after_rss
+    loop.save_checkpoint = save_after_rss  # the loop looks it up per call
     result = supervised.train(spec, Hooks())
-    dtype = supervised.resolve_dtype(spec.dtype, supervised.resolve_device(spec.device))
+    dtype = resolve_dtype(spec.dtype, resolve_device(spec.device), allow_fp16=False)
     return {
         "step_ends": ends,
         "tokens": tokens,

@@ -24,7 +24,7 @@ from tunehouse.jobs.state_store import (
 )
 from tunehouse.store.blobs import COMPLETE_MARKER, Blobs, LocalBlobs
 from tunehouse.store.engine import Database
-from tunehouse.training.recipes.supervised import STATE_INFO, STATE_VERSION, read_state_info
+from tunehouse.training.state import STATE_INFO, STATE_VERSION, read_state_info
 
 
 @pytest.fixture(params=["memory", "local"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.training.helpers import Recorder, write_jsonl
+from tunehouse.training.examples import IGNORE
 from tunehouse.training.hparams import (
     DpoHyperparameters,
     Hyperparameters,
@@ -26,7 +27,6 @@ from tunehouse.training.recipes.dpo import (
     sequence_logps,
     train,
 )
-from tunehouse.training.recipes.supervised import IGNORE
 
 PREFERRED = "Yes."
 REJECTED = "No way, never."

@@ -12,9 +12,10 @@ import pytest
 from tests.training.helpers import write_jsonl
 from tests.training.test_dpo import make_pairs
 from tests.training.test_resume import Plain, Recorder, after_metrics, assert_same_metrics, write_data
+from tunehouse.training import loop
 from tunehouse.training.hparams import BASE_LEARNING_RATE_FULL, DpoHyperparameters, Hyperparameters
+from tunehouse.training.loop import TrainingStopped, TrainSpec
 from tunehouse.training.recipes import dpo, supervised
-from tunehouse.training.recipes.supervised import TrainingStopped, TrainSpec
 
 HP = Hyperparameters(n_epochs=2, batch_size=4, learning_rate_multiplier=10)  # 6 steps (12 lines)
 DPO_HP = DpoHyperparameters(n_epochs=2, batch_size=4, learning_rate_multiplier=5, beta=0.1)  # 6 steps
@@ -191,8 +192,8 @@ def test_full_fine_tuning_continues_a_full_or_a_lora_model(
 
 
 def test_target_modules_are_checked_against_the_model(tiny_model_dir: Path) -> None:
-    assert supervised.check_target_modules(tiny_model_dir, ["q_proj", "down_proj"]) == []
-    assert supervised.check_target_modules(tiny_model_dir, ["q_proj", "query_key_value", "norm"]) == [
+    assert loop.check_target_modules(tiny_model_dir, ["q_proj", "down_proj"]) == []
+    assert loop.check_target_modules(tiny_model_dir, ["q_proj", "query_key_value", "norm"]) == [
         "query_key_value",
         "norm",  # not a linear layer
     ]

@@ -15,6 +15,7 @@ import pytest
 from tests.training.helpers import Recorder, write_jsonl
 from tests.training.test_dpo import make_pairs
 from tests.training.test_supervised import make_examples
+from tunehouse.training import loop
 from tunehouse.training.hparams import DpoHyperparameters, Hyperparameters
 from tunehouse.training.recipes import dpo, supervised
 
@@ -73,7 +74,7 @@ def run(recipe, spec_type, tmp_path: Path, model_dir: Path, train_lines: list[di
 def test_supervised_loss_curve_is_pinned(tmp_path: Path, tiny_model_dir: Path) -> None:
     hooks = run(
         supervised,
-        supervised.TrainSpec,
+        loop.TrainSpec,
         tmp_path,
         tiny_model_dir,
         make_examples(),

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.training.helpers import COLORS
+from tunehouse.training import state
 from tunehouse.training.hparams import Hyperparameters
-from tunehouse.training.recipes import supervised
-from tunehouse.training.recipes.supervised import TrainingStopped, TrainSpec, train
+from tunehouse.training.loop import TrainingStopped, TrainSpec
+from tunehouse.training.recipes.supervised import train
 
 # 12 lines, batch 4: 3 steps per epoch, 6 steps in all; epoch ends after steps 3 and 6.
 HP = Hyperparameters(n_epochs=2, batch_size=4, learning_rate_multiplier=10)
@@ -323,17 +324,17 @@ def test_publish_replaces_a_state_atomically_and_recovers_after_a_crash(tmp_path
         return json.loads((path / "state.json").read_text())["step"]
 
     state_dir = tmp_path / "state"
-    supervised.publish_dir(folder("state.tmp-1", 1), state_dir)  # first save: a plain rename
+    state.publish_dir(folder("state.tmp-1", 1), state_dir)  # first save: a plain rename
     assert step_of(state_dir) == 1 and leftovers(state_dir) == []
 
     new = folder("state.tmp-2", 2)
-    supervised.publish_dir(new, state_dir)  # renameat2 exchange: the old state ends up at `new`
+    state.publish_dir(new, state_dir)  # renameat2 exchange: the old state ends up at `new`
     assert step_of(state_dir) == 2 and step_of(new) == 1
 
     shutil.rmtree(new)
-    monkeypatch.setattr(supervised, "exchange_paths", lambda a, b: False)  # no exchange: rename aside
+    monkeypatch.setattr(state, "exchange_paths", lambda a, b: False)  # no exchange: rename aside
     new = folder("state.tmp-3", 3)
-    supervised.publish_dir(new, state_dir)
+    state.publish_dir(new, state_dir)
     assert step_of(state_dir) == 3 and step_of(new) == 2
     shutil.rmtree(new)
     assert leftovers(state_dir) == []
@@ -344,5 +345,5 @@ def test_publish_replaces_a_state_atomically_and_recovers_after_a_crash(tmp_path
     aside.mkdir()
     state_dir.rename(aside / "state")
     folder("state.tmp-4", 4)
-    supervised.recover_state_dir(state_dir)
+    state.recover_state_dir(state_dir)
     assert step_of(state_dir) == 3 and leftovers(state_dir) == []

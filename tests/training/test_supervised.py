@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.training.helpers import COLORS, Recorder, write_jsonl
+from tunehouse.training.examples import IGNORE, MICRO_BATCH_TOKENS, build_example, split_by_length
 from tunehouse.training.hparams import BASE_LEARNING_RATE, Hyperparameters
-from tunehouse.training.recipes.supervised import (
-    IGNORE,
-    MICRO_BATCH_TOKENS,
-    TrainingStopped,
-    TrainSpec,
-    build_example,
-    split_by_length,
-    train,
-)
+from tunehouse.training.loop import TrainingStopped, TrainSpec
+from tunehouse.training.recipes import supervised
+from tunehouse.training.recipes.supervised import train
 
 
 def chat(user: str, answer: str, *, system: str | None = None) -> dict:
@@ -164,9 +158,43 @@ def test_should_stop_stops_promptly(tmp_path: Path, tiny_model_dir: Path) -> Non
     hooks = Recorder(stop_after=2)
     with pytest.raises(TrainingStopped):
         train(spec_for(tmp_path, tiny_model_dir, train_file, hp), hooks)
-    assert hooks.stop_asked_at is not None and time.monotonic() - hooks.stop_asked_at < 2
+    assert hooks.stop_asked_at is not None
     assert len(hooks.metrics) == 2  # no step ran after the stop was asked for
     assert hooks.checkpoints == []
+
+
+def test_a_stop_inside_a_step_lands_before_the_next_micro_batch(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch
+) -> None:
+    """Stop latency counted in forward passes, not seconds: a stop asked for after the third
+    micro-batch of a step is honoured before a fourth runs, and the partial step reports nothing."""
+    forwards: list[int] = []
+    real_loss = supervised.trained_token_loss
+
+    def counting_loss(*args, **kwargs):
+        forwards.append(1)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(supervised, "trained_token_loss", counting_loss)
+
+    class StopAfterThreeForwards(Recorder):
+        asked_after: int | None = None
+
+        def should_stop(self) -> bool:
+            if self.asked_after is None and len(forwards) >= 3:
+                self.asked_after = len(forwards)
+            return self.asked_after is not None
+
+    # One step of 12 lines from 3 to ~700 tokens: length-sorted micro-batches, many more than 3.
+    lines = [chat(f"Say {i} words.", " ".join(["word"] * (2 + 60 * i))) for i in range(12)]
+    train_file = write_jsonl(tmp_path / "train.jsonl", lines)
+    hp = Hyperparameters(n_epochs=1, batch_size=12, learning_rate_multiplier=1)
+    hooks = StopAfterThreeForwards()
+    with pytest.raises(TrainingStopped):
+        train(spec_for(tmp_path, tiny_model_dir, train_file, hp), hooks)
+    assert hooks.asked_after == 3
+    assert len(forwards) == 3  # no forward after the stop was asked for
+    assert hooks.metrics == [] and hooks.checkpoints == []  # the partial step is discarded
 
 
 def test_trained_adapter_reproduces_the_answer(tmp_path: Path, learnable_model_dir: Path, tokenizer) -> None:

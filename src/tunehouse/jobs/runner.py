@@ -157,7 +157,7 @@ class Runner:
         resolved = {**requested, **hp.to_dict()}  # keeps the LoRA extension fields as requested
         if resolved.get("lora_target_modules") and not (job.options or {}).get("init_model"):
             # A name that matches no layer would only fail once training starts; say so now.
-            from tunehouse.training.recipes.supervised import check_target_modules
+            from tunehouse.training.loop import check_target_modules
 
             unknown = check_target_modules(base.path, resolved["lora_target_modules"])
             if unknown:
@@ -232,7 +232,7 @@ class Runner:
     def train(self) -> None:
         from tunehouse.data.analysis import context_length_for
         from tunehouse.training.hparams import Hyperparameters
-        from tunehouse.training.recipes.supervised import TrainingStopped, TrainSpec
+        from tunehouse.training.loop import TrainingStopped, TrainSpec
         from tunehouse.training.recipes.supervised import train as train_supervised
 
         job = self.load()

@@ -27,7 +27,12 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from sqlalchemy import select
+
+from tunehouse.jobs import status as st
 from tunehouse.store.blobs import COMPLETE_MARKER, Blobs, LocalBlobs, open_blobs
+from tunehouse.store.tables import Job
+from tunehouse.training.state import fsync_path, publish_dir, read_state_info, recover_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +79,6 @@ class StoredState:
     def fetch_newer(self, state_dir: Path) -> int | None:
         """Put the newest stored state in `state_dir` if it is past the local one's step. Returns
         that step, or None when the local state (or none at all) stays."""
-        from tunehouse.training.recipes.supervised import (
-            fsync_path,
-            publish_dir,
-            read_state_info,
-            recover_state_dir,
-        )
-
         state_dir = Path(state_dir)
         recover_state_dir(state_dir)  # an interrupted local save first goes back to what it was
         try:
@@ -135,11 +133,6 @@ def sweep_ended_jobs(settings, db) -> int:
     """Delete the training states (here and in the store) of jobs that ended without a training
     process to clean up after them: cancelled while queued or paused, or deleted. Returns how
     many jobs' states went. Workers run it now and then; it is idempotent."""
-    from sqlalchemy import select
-
-    from tunehouse.jobs import status as st
-    from tunehouse.store.tables import Job
-
     found: dict[str, str | None] = {}  # job id -> its organization's folder in the store
     jobs_dir = Path(settings.jobs_dir)
     if jobs_dir.is_dir():
