@@ -35,6 +35,7 @@ from sqlalchemy import select
 from tunehouse.catalog import is_base_model, resolve_base_model
 from tunehouse.config import Settings
 from tunehouse.errors import ModelNotFound
+from tunehouse.inference.models import stop_token_ids
 from tunehouse.store.blobs import open_blobs
 from tunehouse.store.engine import Database, migrate
 from tunehouse.store.tables import Checkpoint
@@ -138,11 +139,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> str | None:
 
 def _generation_config(base_path: Path, tokenizer_dir: Path):
     """The base's generation config, with every token the server stops at as `eos_token_id`
-    (the model config's, the generation config's and the tokenizer's end tokens, as HFEngine does),
-    so plain `generate` ends a turn where the server would."""
+    (`stop_token_ids`, as the engine reads them), so plain `generate` ends a turn where the server
+    would."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from tunehouse.inference.hf import _as_ids
 
     config = AutoConfig.from_pretrained(base_path)
     try:
@@ -150,13 +149,7 @@ def _generation_config(base_path: Path, tokenizer_dir: Path):
     except OSError:
         gen = GenerationConfig.from_model_config(config)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    eos: list[int] = []
-    for ids in (
-        _as_ids(getattr(config, "eos_token_id", None)),
-        _as_ids(gen.eos_token_id),
-        _as_ids(tokenizer.eos_token_id),
-    ):
-        eos += [i for i in ids if i not in eos]
+    eos = stop_token_ids(config, gen, tokenizer)
     if eos:
         gen.eos_token_id = eos if len(eos) > 1 else eos[0]
     if gen.pad_token_id is None:

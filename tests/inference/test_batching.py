@@ -26,13 +26,13 @@ def test_different_adapters_in_one_batch_answer_as_alone(tiny_model_dir, adapter
         # Hold the scheduler's attention on a long request so the others are admitted into its batch.
         prompt = eng.encode_chat(refs[0], MESSAGES)
         batch_sizes = []
-        original = eng._forward
+        original = eng.forward
 
         def spy(base, ids, *args):
             batch_sizes.append(ids.shape[0])
             return original(base, ids, *args)
 
-        eng._forward = spy
+        eng.forward = spy
         events: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(len(refs) * 2)]
         for i, q in enumerate(events):
             eng.submit(refs[i % 3], prompt, greedy(12), q.put)
@@ -110,9 +110,9 @@ def test_growing_kv_cache_layer_matches_concatenation():
     import torch
     from transformers.cache_utils import DynamicLayer
 
-    from tunehouse.inference.hf import _GrowingLayer
+    from tunehouse.inference.cache import GrowingLayer
 
-    ours, plain = _GrowingLayer(), DynamicLayer()
+    ours, plain = GrowingLayer(), DynamicLayer()
     gen = torch.Generator().manual_seed(0)
     for step, new in enumerate([5, 1, 1, 70, 1]):  # a prompt, decode steps, a growth past capacity
         k, v = torch.randn(2, 3, new, 4, generator=gen), torch.randn(2, 3, new, 4, generator=gen)

@@ -7,9 +7,10 @@ import torch
 
 from tests.inference.test_hf_engine import MESSAGES, adapters, greedy  # noqa: F401
 from tests.inference.test_quantize import _calibration_ids, _model
+from tunehouse.inference.cache import new_cache
 from tunehouse.inference.decode import LlamaDecoder, fast_decoder
 from tunehouse.inference.engine import ModelRef
-from tunehouse.inference.hf import HFEngine, _new_cache
+from tunehouse.inference.hf import HFEngine
 from tunehouse.inference.lora import LoraLinear, MultiLora
 from tunehouse.inference.quantize import quantize_int8
 
@@ -30,7 +31,7 @@ def _decode_both_ways(model, decoder: LlamaDecoder, steps: int = 6, prompts=PROM
     caches, next_ids = [], None
     with torch.inference_mode():
         for store in (None, kv_dtype):
-            cache = _new_cache(model.config, store)
+            cache = new_cache(model.config, store)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
             caches.append(cache)
             next_ids = out.logits[:, -1:].argmax(-1)

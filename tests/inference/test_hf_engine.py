@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tunehouse.inference.detokenize import IncrementalDetokenizer
 from tunehouse.inference.engine import (
     ChatResult,
     ContextLengthExceeded,
@@ -17,7 +18,8 @@ from tunehouse.inference.engine import (
     SamplingParams,
     Usage,
 )
-from tunehouse.inference.hf import HFEngine, _Row, argmax_rows
+from tunehouse.inference.hf import HFEngine
+from tunehouse.inference.sampling import argmax_rows
 
 MESSAGES = [{"role": "user", "content": "Tell me something."}]
 
@@ -245,7 +247,7 @@ def test_incremental_decoding_across_multibyte_tokens(tiny_model_dir, text):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    row = _Row(tok, [], frozenset({tok.eos_token_id}))
+    row = IncrementalDetokenizer(tok, [], frozenset({tok.eos_token_id}))
     pieces = []
     for i in ids:
         row.push(i)
@@ -264,7 +266,7 @@ def test_stop_strings_never_leak_into_the_stream(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = "The answer is 42. END OF ANSWER and more"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    row = _Row(tok, ["END OF ANSWER", "xyz"], frozenset({tok.eos_token_id}))
+    row = IncrementalDetokenizer(tok, ["END OF ANSWER", "xyz"], frozenset({tok.eos_token_id}))
     streamed = ""
     for i in ids:
         row.push(i)

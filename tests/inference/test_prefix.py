@@ -146,7 +146,8 @@ def test_one_prefill_of_rows_with_cached_beginnings_of_every_length_answers_as_w
         assert answer(engine, chats[0])[0] == expected[0][0]  # and now it is cached
         prefix = engine._bases[str(tiny_model_dir.resolve())].prefix
         looked_up: dict[tuple[int, ...], int] = {}  # prompt → tokens found cached
-        lookup, admit = prefix.lookup, engine._admit
+        scheduler = engine.scheduler
+        lookup, admit = prefix.lookup, scheduler._admit
 
         def spy_lookup(owner, prompt):
             hit = lookup(owner, prompt)
@@ -154,16 +155,16 @@ def test_one_prefill_of_rows_with_cached_beginnings_of_every_length_answers_as_w
             return hit
 
         def held_admit():  # the scheduler thread: wait for all four, then admit them together
-            if engine._waiting or not engine._incoming.empty():
+            if scheduler._waiting or not scheduler._incoming.empty():
                 deadline = time.monotonic() + 30
-                while len(engine._waiting) + engine._incoming.qsize() < len(chats):
+                while len(scheduler._waiting) + scheduler._incoming.qsize() < len(chats):
                     assert time.monotonic() < deadline, "the requests did not arrive"
                     time.sleep(0.001)
-                while not engine._incoming.empty():
-                    engine._waiting.append(engine._incoming.get_nowait())
+                while not scheduler._incoming.empty():
+                    scheduler._waiting.append(scheduler._incoming.get_nowait())
             admit()
 
-        prefix.lookup, engine._admit = spy_lookup, held_admit
+        prefix.lookup, scheduler._admit = spy_lookup, held_admit
         with ThreadPoolExecutor(len(chats)) as pool:
             got = list(pool.map(lambda chat: answer(engine, chat), chats))
         for (text, logprobs), (want_text, want_logprobs) in zip(got, expected, strict=True):

@@ -89,7 +89,7 @@ class LlamaDecoder:
 
         The query heads that share a KV head go in as one head's queries (grouped-query attention
         as a query length of heads / KV heads), so each KV head is read once, not once per query
-        head. A cache kept in fp32 for a bf16 model on a CPU (see `_GrowingLayer` in hf.py) is
+        head. A cache kept in fp32 for a bf16 model on a CPU (see `GrowingLayer` in cache.py) is
         attended in fp32: PyTorch's bf16 CPU attention kernel is several times slower for this
         (16 rows, 80 cached positions: 900 µs against 120).
 
@@ -111,7 +111,7 @@ class LlamaDecoder:
             out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=self.scale)
             return out.to(q.dtype).reshape(rows, heads * dim)
         grouped = q.reshape(rows * kv_heads, heads // kv_heads, dim).to(k.dtype)
-        keys = k.reshape(rows * kv_heads, length, dim).transpose(1, 2)  # a view of _GrowingLayer's buffer
+        keys = k.reshape(rows * kv_heads, length, dim).transpose(1, 2)  # a view of GrowingLayer's buffer
         if mask is None:
             scores = torch.bmm(grouped, keys).mul_(self.scale)
         else:
