@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,8 +71,20 @@ def test_argmax_rows_equals_torch_argmax(width):
     assert torch.equal(argmax_rows(logits, block=1024), logits.argmax(dim=-1))
 
 
-def test_engine_satisfies_protocol(engine):
-    assert isinstance(engine, InferenceEngine)
+def test_engine_implements_every_method_of_the_interface(engine, tiny):
+    """HFEngine subclasses the InferenceEngine protocol, so `isinstance` holds whatever it defines:
+    a method it lacks is silently the protocol's stub, which returns None. Each one must be the
+    engine's own, taking the protocol's parameters; and the two no other test here calls work."""
+    methods = [name for name, f in vars(InferenceEngine).items() if inspect.isfunction(f) and name[0] != "_"]
+    assert "submit" in methods and "close" in methods
+    for name in methods:
+        ours, declared = getattr(HFEngine, name), getattr(InferenceEngine, name)
+        assert ours is not declared, f"HFEngine.{name} is the protocol's stub"
+        params = [(p.name, p.kind) for p in inspect.signature(ours).parameters.values()]
+        assert params == [(p.name, p.kind) for p in inspect.signature(declared).parameters.values()], name
+    ids = engine.encode_text(tiny, "Hello there, world")
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert engine.decode(tiny, ids) == "Hello there, world"
 
 
 def test_greedy_is_deterministic_and_counts_tokens(engine, tiny):
