@@ -35,7 +35,7 @@ def _make_checkpoint(settings: Settings, base_dir: Path) -> Path:
 
     from tunehouse.store.engine import Database, migrate
     from tunehouse.store.tables import Checkpoint, Job, Organization
-    from tunehouse.training.recipes.supervised import LORA_TARGET_MODULES
+    from tunehouse.training.hparams import LORA_TARGET_MODULES
 
     org_id, job_id = "org-export-test", "ftjob-exporttestabcd1234"
     key = f"{org_id}/{job_id}/step-1"
