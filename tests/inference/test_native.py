@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tests.inference.test_quantize import _model
 from tunehouse.inference.decode import fast_decoder
 from tunehouse.inference.native import native_ops
-from tunehouse.inference.quantize import _SharedInput
+from tunehouse.inference.quantize import SharedInput
 
 # Built wherever there is a compiler (CI's machines have one): a failed build fails here, rather
 # than leaving the kernel untested behind the fallback.
@@ -94,7 +94,7 @@ def test_int8_inputs_are_pytorchs_exactly_and_the_int8_matmul_stays_the_same():
     linears = [torch.nn.Linear(96, 40, bias=False), torch.nn.Linear(96, 24, bias=False)]
     x = torch.randn(16, 96, generator=gen)
     x[:, 7] *= 40  # an outlier channel
-    group = _SharedInput(linears, x.abs().amax(0))
+    group = SharedInput(linears, x.abs().amax(0))
     scaled, peak, outliers = native_ops().int8_inputs(x, group.keep, group.outliers)
     inner = x * group.keep
     want_peak = inner.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8)

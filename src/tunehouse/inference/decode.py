@@ -30,7 +30,7 @@ from torch import nn
 
 from tunehouse.inference.lora import LoraLinear
 from tunehouse.inference.native import native_ops
-from tunehouse.inference.quantize import W8A8Linear, _SharedInput
+from tunehouse.inference.quantize import SharedInput, W8A8Linear
 
 
 def fast_decoder(model: nn.Module) -> LlamaDecoder | None:
@@ -213,7 +213,7 @@ class _Projections:
         # The int8 group these layers make up, if exactly they, in this order.
         groups = {id(m.group): m.group for m in linears if isinstance(m, W8A8Linear)}
         group = next(iter(groups.values())) if len(groups) == 1 else None
-        self.int8: _SharedInput | None = None
+        self.int8: SharedInput | None = None
         if group is not None and [getattr(m, "member", None) for m in linears] == list(
             range(len(group.spans))
         ):

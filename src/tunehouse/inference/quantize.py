@@ -17,7 +17,7 @@ with int8 weights and bf16 activations (`aten._weight_int8pack_mm`, which this r
   the largest magnitudes on a short calibration text (`CALIBRATION_CHAT`) stay in full precision,
   in a side matmul (LLM.int8()'s decomposition, with the outlier channels fixed at load time).
   Layers that read the same activations (q/k/v of an attention block, gate/up of an MLP; found in
-  the calibration pass) quantize them once and share one matmul (`_SharedInput`).
+  the calibration pass) quantize them once and share one matmul (`SharedInput`).
 
 On SmolLM2-135M the mean KL divergence from fp32's next-token distribution is about 0.009 (bf16's:
 0.001), and greedy answers stay coherent but part from fp32's after some tokens, as bf16's do
@@ -65,7 +65,7 @@ CALIBRATION_CHAT = [
 ]
 
 
-class _SharedInput:
+class SharedInput:
     """The int8 weights of the linear layers that read one input, stacked, and the input's outlier
     channels. The first member called computes every member's output in one matmul; the others
     take theirs from it, and once all have, it is dropped."""
@@ -154,9 +154,9 @@ class _SharedInput:
 
 
 class W8A8Linear(nn.Linear):
-    """One member of a `_SharedInput`; behaves as the `nn.Linear` it replaces."""
+    """One member of a `SharedInput`; behaves as the `nn.Linear` it replaces."""
 
-    def __init__(self, linear: nn.Linear, group: _SharedInput, member: int):
+    def __init__(self, linear: nn.Linear, group: SharedInput, member: int):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a full-precision weight
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias  # for inspection: the group adds it
@@ -208,9 +208,9 @@ def quantize_int8(model: nn.Module, calibration_ids: list[int]) -> int:
         raise ValueError(f"int8 quantization computes in float32; the model is {dtype}")
     if not calibration_ids:
         raise ValueError("int8 quantization needs calibration tokens")
-    members: dict[str, tuple[_SharedInput, int]] = {}
+    members: dict[str, tuple[SharedInput, int]] = {}
     for names, linears, channel_max in _calibrate(model, calibration_ids):
-        group = _SharedInput(linears, channel_max)
+        group = SharedInput(linears, channel_max)
         members.update({name: (group, i) for i, name in enumerate(names)})
     return _replace(model, lambda name, linear: W8A8Linear(linear, *members[name]))
 

@@ -15,7 +15,7 @@ The ops, on CPU float32 tensors (`torch.ops.tunehouse_native.<name>`):
   scores (-inf over padding) or None; head dim 16, 32, 64 or 128. Returns [rows, heads * head dim].
 - `rms_norm(x, weight, eps)`: x [rows, hidden] → `F.rms_norm(x, (hidden,), weight, eps)`.
 - `int8_inputs(x, keep, outliers)`: what an int8 layer group's matmuls read (see
-  `tunehouse.inference.quantize._SharedInput.matmul`).
+  `tunehouse.inference.quantize.SharedInput.matmul`).
 """
 
 from __future__ import annotations

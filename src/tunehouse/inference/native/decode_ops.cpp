@@ -209,7 +209,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// What an int8 layer group (tunehouse/inference/quantize.py, `_SharedInput`) feeds its two matmuls,
+// What an int8 layer group (tunehouse/inference/quantize.py, `SharedInput`) feeds its two matmuls,
 // from x [rows, in]: each row with its outlier channels zeroed (`keep` 0 there, 1 elsewhere) and
 // divided by its own peak magnitude (clamped at 1e-8), the peaks [rows, 1], and the outlier
 // channels' values [rows, outliers]. The same arithmetic as `x * keep`, `abs().amax()`, `clamp_`,
