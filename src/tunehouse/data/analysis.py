@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunehouse.data.chat import TemplateError, content_text, tokenize_chat
-from tunehouse.data.validation import Problem, ValidationReport, iter_examples, validate_file
+from tunehouse.data.validation import METHODS, Problem, ValidationReport, iter_examples, validate_file
 from tunehouse.training.hparams import auto_n_epochs  # OpenAI's `auto` epochs rule (REFERENCE §6.5)
 
 DEFAULT_CONTEXT_LENGTH = 2048
@@ -142,16 +142,27 @@ class DuplicateIndex:
 # Analysis
 
 
+def _chat_sequences(example: dict) -> tuple[list[dict], list[dict]]:
+    return [example], example["messages"]
+
+
+def _preference_sequences(example: dict) -> tuple[list[dict], list[dict]]:
+    inp = example["input"]
+    base = {k: v for k, v in inp.items() if k != "messages"}
+    return [
+        {**base, "messages": inp["messages"] + example[k]}
+        for k in ("preferred_output", "non_preferred_output")
+    ], inp["messages"] + example["preferred_output"] + example["non_preferred_output"]
+
+
+# Per data format (validation.METHODS maps a method to its format): the chat examples that training
+# tokenizes for one line (two for a preference pair), and every message of the line.
+SEQUENCES = {"chat": _chat_sequences, "preference": _preference_sequences}
+
+
 def _sequences(example: dict, method: str) -> tuple[list[dict], list[dict]]:
     """The chat examples that training tokenizes for one line (two for a preference pair)."""
-    if method == "dpo":
-        inp = example["input"]
-        base = {k: v for k, v in inp.items() if k != "messages"}
-        return [
-            {**base, "messages": inp["messages"] + example[k]}
-            for k in ("preferred_output", "non_preferred_output")
-        ], inp["messages"] + example["preferred_output"] + example["non_preferred_output"]
-    return [example], example["messages"]
+    return SEQUENCES[METHODS[method]](example)
 
 
 def _special_token_pattern(tokenizer) -> re.Pattern | None:
@@ -335,7 +346,9 @@ def _analyze_file(
 def _method_of(report: ValidationReport, method: str | None) -> str:
     if method is not None:
         return method
-    return "dpo" if report.format == "preference" else "supervised"
+    # The method whose format the file is in (the first, where several share one); a file in no
+    # known format is reported as chat data.
+    return next((m for m, fmt in METHODS.items() if fmt == report.format), "supervised")
 
 
 def analyze(
