@@ -12,6 +12,8 @@ from tunehouse.jobs.events import add_event
 from tunehouse.store.engine import Database
 from tunehouse.store.tables import Job
 from tunehouse.store.tables import Worker as WorkerRow
+from tunehouse.store.tables import now as now_s
+from tunehouse.webhooks.outbox import JOB_FAILED, enqueue_job_event
 
 
 def _unleased(now: float):
@@ -103,6 +105,12 @@ def job_state(db: Database, job_id: str) -> tuple[str, str | None] | None:
         return (row.status, row.worker_id) if row else None
 
 
+def kind_of(db: Database, job_id: str) -> str | None:
+    """The job's kind (jobs/kinds.py), or None when the job is gone."""
+    with db.session() as s:
+        return s.scalar(select(Job.kind).where(Job.id == job_id))
+
+
 def organization_of(db: Database, job_id: str) -> str | None:
     with db.session() as s:
         return s.scalar(select(Job.organization_id).where(Job.id == job_id))
@@ -164,8 +172,6 @@ def fail(
     db: Database, *, job_id: str, worker_id: str | None, code: str, message: str, param: str | None = None
 ) -> bool:
     """Mark an active job failed (only if it is still ours and still active)."""
-    from tunehouse.store.tables import now as now_s
-
     with db.transaction() as s:
         cond = [Job.id == job_id, Job.status.in_((st.VALIDATING, st.QUEUED, st.RUNNING))]
         if worker_id is not None:
@@ -184,8 +190,6 @@ def fail(
         if n:
             add_event(s, job_id, f"Fine-tuning job failed: {message}", level="error")
             # In the transaction that made the job failed, so the webhook goes out exactly once.
-            from tunehouse.webhooks.outbox import JOB_FAILED, enqueue_job_event
-
             enqueue_job_event(s, job_id=job_id, event_type=JOB_FAILED)
         return bool(n)
 
@@ -210,8 +214,6 @@ def worker_heartbeat(db: Database, *, worker_id: str) -> None:
 
 
 def worker_stopped(db: Database, *, worker_id: str) -> None:
-    from tunehouse.store.tables import now as now_s
-
     with db.transaction() as s:
         s.execute(update(WorkerRow).where(WorkerRow.id == worker_id).values(stopped_at=now_s()))
 

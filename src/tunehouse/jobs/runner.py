@@ -1,662 +1,40 @@
 """One phase of one job, in a child process of a worker: `python -m tunehouse.jobs.runner
-{validate|train} JOB_ID WORKER_ID`.
-
-Every state change is a conditional update (the job must still be ours and still in the phase we
-expect), so a job cancelled or taken over meanwhile is never overwritten.
+{validate|train} JOB_ID WORKER_ID`. The job's kind (jobs/kinds.py) says what the phase does; what
+happens when it raises (a retry, or a clear failure) is the same for every kind.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import os
-import shutil
-import signal
 import sys
-import time
-from pathlib import Path
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
-from tunehouse import ids
-from tunehouse.catalog import resolve_base_model
 from tunehouse.config import Settings
 from tunehouse.jobs import queue
-from tunehouse.jobs import status as st
-from tunehouse.jobs.events import add_event, metrics_message
-from tunehouse.jobs.state_store import StoredState, discard_training_state, stored_state
-from tunehouse.metering import record_training
-from tunehouse.store.blobs import is_disk_full, open_blobs
-from tunehouse.store.engine import Database
-from tunehouse.store.tables import Checkpoint, File, Job, JobEvent, Organization, now
-from tunehouse.training import throughput
-from tunehouse.usage.quotas import estimate_columns
-from tunehouse.webhooks.outbox import JOB_SUCCEEDED, enqueue_job_event
+from tunehouse.jobs.context import JobContext, JobGone
+from tunehouse.jobs.kinds import PHASES, kind
+from tunehouse.store.blobs import is_disk_full
 
 log = logging.getLogger("tunehouse.runner")
-
-CHECKPOINTS_KEPT = 3  # OpenAI keeps the checkpoints of the last 3 epochs
-MAX_WARNING_EVENTS = 20
-RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
-
-
-class JobGone(Exception):
-    """The job was cancelled, failed elsewhere, or taken over by another worker."""
-
-
-class Runner:
-    def __init__(self, settings: Settings, job_id: str, worker_id: str):
-        self.settings = settings
-        self.db = Database(settings.db_url)
-        self.job_id = job_id
-        self.worker_id = worker_id
-        self.files = open_blobs(settings, "files")
-        self.weights = open_blobs(settings, "weights")
-        self.work_dir = settings.jobs_dir / job_id
-        self.stored_state: StoredState | None = None  # set by train() when storage is not the home
-        # One of several data-parallel training processes (Ray Train, executors/ray.py): the
-        # launcher says which (variables of our own: a stray RANK or WORLD_SIZE in a server's
-        # environment must not make a lone runner wait for peers). Rank 0 records everything.
-        self.rank = int(os.environ.get(DP_RANK, "0"))
-        self.world_size = int(os.environ.get(DP_WORLD_SIZE, "1"))
-
-    # --- helpers ---------------------------------------------------------------------------------
-    def load(self) -> Job:
-        with self.db.session() as s:
-            job = s.scalar(select(Job).where(Job.id == self.job_id))
-            if job is None:
-                raise JobGone(self.job_id)
-            return job
-
-    def _mine(self, *statuses: str):
-        return [Job.id == self.job_id, Job.worker_id == self.worker_id, Job.status.in_(statuses)]
-
-    def file_path(self, file_id: str, param: str) -> Path:
-        with self.db.session() as s:
-            row = s.scalar(select(File).where(File.id == file_id))
-        path = self.files.path(row.path) if row else None
-        if path is None or not path.exists():
-            raise FileProblem(
-                param, f"The {param.replace('_', ' ')} {file_id} was deleted before the job could use it."
-            )
-        return path
-
-    def job_files(self, job: Job) -> tuple[Path, Path | None] | None:
-        """The job's files on disk; a file deleted meanwhile fails the job (and gives None)."""
-        try:
-            train = self.file_path(job.training_file, "training_file")
-            valid = self.file_path(job.validation_file, "validation_file") if job.validation_file else None
-        except FileProblem as e:
-            queue.fail(
-                self.db,
-                job_id=job.id,
-                worker_id=self.worker_id,
-                code="invalid_file",
-                message=e.message,
-                param=e.param,
-            )
-            return None
-        return train, valid
-
-    # --- phase 1: validate -------------------------------------------------------------------------
-    def validate(self) -> None:
-        from transformers import AutoTokenizer
-
-        from tunehouse.data.analysis import check_files, context_length_for
-        from tunehouse.training.hparams import resolve_dpo_hyperparameters, resolve_hyperparameters
-
-        job = self.load()
-        paths = self.job_files(job)
-        if paths is None:
-            return
-        train_path, valid_path = paths
-        base = resolve_base_model(self.settings, job.base_model)
-        tokenizer = AutoTokenizer.from_pretrained(base.path)
-        method_type = job.method["type"]
-        requested = job.method[method_type]["hyperparameters"]
-        report = check_files(
-            train_path,
-            validation=valid_path,
-            tokenizer=tokenizer,
-            context_length=context_length_for(base.path),
-            method=method_type,
-            n_epochs=requested.get("n_epochs", "auto"),
-            overlap_is_error=bool((job.options or {}).get("overlap_is_error")),
-            tokens_per_second=throughput.tokens_per_second(self.settings.home, job.base_model),
-            # The price quoted when the job was created (usage/prices.py), or the default.
-            **({"price_per_million": job.training_price} if job.training_price is not None else {}),
-        )
-        if not report.ok:
-            code, message = report.job_error()
-            queue.fail(
-                self.db,
-                job_id=job.id,
-                worker_id=self.worker_id,
-                code=code,
-                message=message,
-                param=report.error_param,
-            )
-            return
-
-        resolve = resolve_dpo_hyperparameters if method_type == "dpo" else resolve_hyperparameters
-        try:
-            hp = resolve(requested, report.n_examples)
-        except ValueError as e:
-            queue.fail(
-                self.db,
-                job_id=job.id,
-                worker_id=self.worker_id,
-                code="invalid_hyperparameters",
-                message=str(e),
-                param="method",
-            )
-            return
-        gpus = queue.gpus_for(base.path, options=job.options, gpu_min_params=self.settings.gpu_min_params)
-        resolved = {**requested, **hp.to_dict()}  # keeps the LoRA extension fields as requested
-        if resolved.get("lora_target_modules") and not (job.options or {}).get("init_model"):
-            # A name that matches no layer would only fail once training starts; say so now.
-            from tunehouse.training.loop import check_target_modules
-
-            unknown = check_target_modules(base.path, resolved["lora_target_modules"])
-            if unknown:
-                queue.fail(
-                    self.db,
-                    job_id=job.id,
-                    worker_id=self.worker_id,
-                    code="invalid_hyperparameters",
-                    message=f"lora_target_modules: {', '.join(unknown)} match no linear layer of "
-                    f"{job.base_model}.",
-                    param=f"method.{method_type}.hyperparameters.lora_target_modules",
-                )
-                return
-        method = {**job.method, method_type: {**job.method[method_type], "hyperparameters": resolved}}
-        est = report.estimate or {}
-        with self.db.transaction() as s:
-            n = s.execute(
-                update(Job)
-                .where(*self._mine(st.VALIDATING))
-                .values(
-                    status=st.QUEUED,
-                    method=method,
-                    worker_id=None,
-                    lease_expires_at=None,
-                    gpus_required=gpus,
-                    **estimate_columns(job, est),  # the job's estimated cost, before training
-                )
-            ).rowcount
-            if not n:
-                raise JobGone(self.job_id)
-            offered = queue.max_gpus_offered(self.db, alive_within=self.settings.lease_seconds)
-            if gpus and (offered or 0) < gpus:
-                add_event(
-                    s,
-                    job.id,
-                    f"This job needs a worker with {gpus} GPU(s); none of the running workers has "
-                    f"{'one' if gpus == 1 else 'that many'}. It waits in the queue until one starts "
-                    "(`tunehouse worker --gpus N` on a GPU machine).",
-                    level="warn",
-                )
-            warnings = report.warnings + (report.validation.warnings if report.validation else [])
-            for p in warnings[:MAX_WARNING_EVENTS]:
-                add_event(s, job.id, f"Warning: {p}", level="warn")
-            if len(warnings) > MAX_WARNING_EVENTS:
-                add_event(
-                    s,
-                    job.id,
-                    f"… and {len(warnings) - MAX_WARNING_EVENTS} more warnings "
-                    "(`tunehouse data check` lists them all)",
-                    level="warn",
-                )
-            if est:
-                eta = (
-                    (
-                        f"; about {est['estimated_seconds']:.0f} s of training at this machine's measured "
-                        f"{est['tokens_per_second']:.0f} tokens/s"
-                    )
-                    if est.get("estimated_seconds")
-                    else ""
-                )
-                add_event(
-                    s,
-                    job.id,
-                    f"Training file has {report.n_examples} examples; {est['billable_tokens']} billable tokens "
-                    f"over {hp.n_epochs} epoch(s) (estimated cost ${est['cost_usd']:.4f} at "
-                    f"${est['price_per_million_tokens']:g} per million tokens){eta}",
-                    data={"n_examples": report.n_examples, **est},
-                )
-            add_event(s, job.id, "Files validated, moving job to queued state")
-
-    # --- phase 2: train ---------------------------------------------------------------------------
-    def train(self) -> None:
-        from tunehouse.data.analysis import context_length_for
-        from tunehouse.training.hparams import Hyperparameters
-        from tunehouse.training.loop import TrainingStopped, TrainSpec
-        from tunehouse.training.recipes.supervised import train as train_supervised
-
-        job = self.load()
-        with self.db.session() as s:
-            org = s.scalar(select(Organization).where(Organization.id == job.organization_id))
-        model_name = ids.fine_tuned_model_name(
-            base=job.base_model, org_slug=org.slug, suffix=job.suffix, job_id=job.id
-        )
-        base = resolve_base_model(self.settings, job.base_model)
-        method_type = job.method["type"]
-        hp_dict = job.method[method_type]["hyperparameters"]
-        paths = self.job_files(job)
-        if paths is None:
-            return
-        train_path, valid_path = paths
-        init_adapter = self.init_adapter(job)
-        if init_adapter is False:
-            return
-        fine_tuning_type = hp_dict.get("fine_tuning_type", "lora")  # jobs from before full FT: lora
-        if self.world_size > 1:
-            if method_type == "dpo" and self.rank > 0:
-                return  # the DPO recipe trains on one worker: rank 0 trains it alone
-            if method_type != "dpo":
-                join_workers(self.rank, self.world_size)
-        start_path = base.path
-        if init_adapter is not None and not (init_adapter / "adapter_config.json").is_file():
-            # A fully fine-tuned model's checkpoint is a whole model folder: training starts from it.
-            start_path, init_adapter = init_adapter, None
-        state_dir = self.work_dir / "state"
-        # Storage elsewhere (another machine may have trained this job last): its newest saved
-        # state, when it is past the one here. With storage in the home there is nothing to copy.
-        # (Rank 0 only: the other data-parallel workers read what it put in place.)
-        if self.rank == 0:
-            self.stored_state = stored_state(
-                self.settings, organization_id=job.organization_id, job_id=job.id
-            )
-        if self.stored_state is not None:
-            self.stored_state.fetch_newer(state_dir)
-        if self.rank > 0:
-            hooks = FollowerHooks()
-        else:
-            with self.db.transaction() as s:
-                started_before = s.scalar(
-                    select(JobEvent.seq)
-                    .where(JobEvent.job_id == job.id, JobEvent.message == "Fine-tuning job started")
-                    .limit(1)
-                )
-                if started_before is None:
-                    add_event(s, job.id, "Fine-tuning job started", data=None)
-            hooks = JobHooks(self, model_name=model_name, base_model=job.base_model)
-        common = dict(
-            base_model_path=start_path,
-            train_file=train_path,
-            valid_file=valid_path,
-            output_dir=self.work_dir / "train",
-            hyperparameters=Hyperparameters(
-                n_epochs=int(hp_dict["n_epochs"]),
-                batch_size=int(hp_dict["batch_size"]),
-                learning_rate_multiplier=float(hp_dict["learning_rate_multiplier"]),
-            ),
-            seed=job.seed,
-            max_length=context_length_for(base.path),
-            lora_rank=int(hp_dict.get("lora_rank", 16)),
-            lora_alpha=int(hp_dict.get("lora_alpha", 32)),
-            lora_target_modules=hp_dict.get("lora_target_modules"),
-            fine_tuning_type=fine_tuning_type,
-            dtype=self.settings.dtype,
-            device=self.device(),
-            # The full training state (weights, optimizer, scheduler, data position, RNG) is saved
-            # periodically and on pause; a paused, restarted or taken-over job continues from it.
-            state_dir=state_dir,
-            save_state_every_seconds=self.settings.state_save_seconds,
-            resume=True,
-            init_adapter_path=init_adapter,
-        )
-        if method_type == "dpo":
-            from tunehouse.training.recipes.dpo import DpoSpec
-            from tunehouse.training.recipes.dpo import train as train_method
-
-            spec = DpoSpec(**common, beta=float(hp_dict["beta"]))
-        else:
-            spec, train_method = TrainSpec(**common), train_supervised
-        started = time.monotonic()
-        try:
-            result = train_method(spec, hooks)
-        except (TrainingStopped, JobGone) as e:
-            log.info("job %s stopped", job.id)
-            if isinstance(e, TrainingStopped) and self.rank == 0 and self._ended():
-                discard_training_state(self.settings, organization_id=job.organization_id, job_id=job.id)
-            return
-        if self.rank > 0:
-            return  # rank 0 records the outcome
-        # A resumed run's wall time says nothing about speed; a full fine-tuning run's speed is not
-        # the LoRA speed the estimates before a job are made from.
-        if hooks.resumed_from is None and fine_tuning_type == "lora":
-            throughput.record(
-                self.settings.home, job.base_model, result.trained_tokens / (time.monotonic() - started)
-            )
-        self.finish(job, model_name=model_name, trained_tokens=result.trained_tokens, rows=hooks.rows)
-        shutil.rmtree(self.work_dir / "train", ignore_errors=True)
-        discard_training_state(self.settings, organization_id=job.organization_id, job_id=job.id)
-
-    def device(self) -> str:
-        """With several data-parallel workers on one machine, each has a GPU of its own."""
-        if self.world_size > 1:
-            import torch
-
-            if torch.cuda.is_available():
-                return f"cuda:{int(os.environ.get(DP_LOCAL_RANK, '0'))}"
-        return "auto"
-
-    def _ended(self) -> bool:
-        """The job was cancelled or failed while this process trained it (still ours: not taken
-        over). A paused job keeps its state, to resume from."""
-        state = queue.job_state(self.db, self.job_id)
-        return state is not None and state[1] == self.worker_id and state[0] in st.TERMINAL
-
-    def init_adapter(self, job: Job) -> Path | None | bool:
-        """The adapter a continued-training job starts from; False when it is gone (job failed)."""
-        name = (job.options or {}).get("init_model")
-        if not name:
-            return None
-        with self.db.session() as s:
-            row = s.scalar(
-                select(Checkpoint).where(
-                    Checkpoint.model_name == name, Checkpoint.organization_id == job.organization_id
-                )
-            )
-        path = self.weights.path(row.path) if row else None
-        if path is None or not path.exists():
-            queue.fail(
-                self.db,
-                job_id=job.id,
-                worker_id=self.worker_id,
-                code="model_not_found",
-                message=f"The model {name} to continue training from was deleted.",
-                param="model",
-            )
-            return False
-        return path
-
-    def finish(self, job: Job, *, model_name: str, trained_tokens: int, rows: list[dict]) -> None:
-        from tunehouse.api.files.service import create_file_from_bytes
-        from tunehouse.state import AppState
-
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()})
-        state = AppState(settings=self.settings, db=self.db, files=self.files, weights=self.weights)
-        result = None
-        try:
-            with self.db.transaction() as s:
-                result = create_file_from_bytes(
-                    state,
-                    s,
-                    organization_id=job.organization_id,
-                    filename=f"step_metrics_{job.id}.csv",
-                    purpose="fine-tune-results",
-                    data=buf.getvalue().encode(),
-                )
-                n = s.execute(
-                    update(Job)
-                    .where(*self._mine(st.RUNNING))
-                    .values(
-                        status=st.SUCCEEDED,
-                        fine_tuned_model=model_name,
-                        trained_tokens=trained_tokens,
-                        result_files=[result.id],
-                        finished_at=now(),
-                        worker_id=None,
-                        lease_expires_at=None,
-                    )
-                ).rowcount
-                if not n:
-                    raise JobGone(self.job_id)  # rolls the result file's row back
-                add_event(s, job.id, f"New fine-tuned model created: {model_name}")
-                add_event(s, job.id, "The job has successfully completed")
-                # In the transaction that won the status change: metered and announced exactly once.
-                record_training(s, self.settings, job_id=job.id)
-                enqueue_job_event(
-                    s, job_id=job.id, event_type=JOB_SUCCEEDED, organization_id=job.organization_id
-                )
-        except JobGone:
-            if result is not None:
-                self.files.delete(result.path)  # and its bytes, so nothing is left half-written
-            raise
-
-
-# Set by the launcher of a data-parallel train phase (executors/ray.py) for each of its runners.
-DP_RANK = "TUNEHOUSE_DP_RANK"
-DP_WORLD_SIZE = "TUNEHOUSE_DP_WORLD_SIZE"
-DP_LOCAL_RANK = "TUNEHOUSE_DP_LOCAL_RANK"  # which of the node's GPUs
-DP_MASTER = "TUNEHOUSE_DP_MASTER"  # host:port where rank 0 meets the others
-
-
-def join_workers(rank: int, world_size: int) -> None:
-    """Join the other data-parallel training processes of this job in one torch.distributed group:
-    NCCL on GPUs, else gloo."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get(DP_LOCAL_RANK, "0")))
-        dist.init_process_group(
-            backend=backend, init_method=f"tcp://{os.environ[DP_MASTER]}", rank=rank, world_size=world_size
-        )
-
-
-class FollowerHooks:
-    """The hooks of a data-parallel worker other than rank 0: rank 0 alone records events, metrics,
-    checkpoints and state, and decides when all stop (the recipe passes its answer on)."""
-
-    def __init__(self):
-        self._parent = os.getppid()
-
-    def on_start(self, *, total_steps: int) -> None:
-        pass
-
-    def on_metrics(self, *, step: int, total_steps: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def on_checkpoint(self, *, step: int, path: Path, metrics: dict[str, float], is_final: bool) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        if os.getppid() != self._parent:  # our launcher died: stop writing (we write nothing anyway)
-            raise JobGone("launcher gone")
-        return False
-
-
-class FileProblem(Exception):
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param, self.message = param, message
-
-
-class JobHooks:
-    """Training progress → events, checkpoints and the results table; cancellation → stop."""
-
-    def __init__(self, runner: Runner, *, model_name: str, base_model: str):
-        self.r = runner
-        self.model_name = model_name
-        self.base_model = base_model
-        self.rows: list[dict] = []
-        self._last_check = 0.0
-        self._parent = os.getppid()
-        self.total_steps = 0
-        self.resumed_from: int | None = None
-        self.stop_requested = False
-        self._publish_warned = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, *_):
-        self.stop_requested = True
-
-    def on_start(self, *, total_steps: int) -> None:
-        self.total_steps = total_steps
-
-    def on_resume(self, *, step: int) -> None:
-        """Continue the record from `step`: what was logged after it is redone, so it is dropped
-        (no duplicated metrics), and the results table is rebuilt from what stays."""
-        self.resumed_from = step
-        with self.r.db.transaction() as s:
-            for e in s.scalars(
-                select(JobEvent).where(JobEvent.job_id == self.r.job_id, JobEvent.type == "metrics")
-            ):
-                if (e.data or {}).get("step", 0) > step:
-                    s.delete(e)
-                else:
-                    d = e.data
-                    self.rows.append(
-                        {
-                            "step": d["step"],
-                            "train_loss": d.get("train_loss"),
-                            "train_accuracy": d.get("train_mean_token_accuracy"),
-                            "valid_loss": d.get("valid_loss"),
-                            "valid_mean_token_accuracy": d.get("valid_mean_token_accuracy"),
-                        }
-                    )
-            add_event(s, self.r.job_id, f"Fine-tuning job resumed from step {step}")
-        self.rows.sort(key=lambda r: r["step"])
-
-    def on_metrics(self, *, step: int, total_steps: int, metrics: dict[str, float]) -> None:
-        self.rows.append(
-            {
-                "step": step,
-                "train_loss": metrics.get("train_loss"),
-                "train_accuracy": metrics.get("train_mean_token_accuracy"),
-                "valid_loss": metrics.get("valid_loss"),
-                "valid_mean_token_accuracy": metrics.get("valid_mean_token_accuracy"),
-            }
-        )
-        with self.r.db.transaction() as s:
-            add_event(
-                s,
-                self.r.job_id,
-                metrics_message(step, total_steps, metrics),
-                type="metrics",
-                data={"step": step, "total_steps": total_steps, **metrics},
-            )
-
-    def on_state_saved(self, *, step: int, path: Path) -> None:
-        """Copy the state just saved here to storage, when storage is not this home: a worker on
-        another machine that takes the job over resumes from it (jobs/state_store.py)."""
-        stored = self.r.stored_state
-        if stored is None:
-            return
-        try:
-            state = queue.job_state(self.r.db, self.r.job_id)
-        except OperationalError:
-            # Whether the job is still ours is unknown: keep the state here; the next save publishes.
-            log.warning("job %s: database unreachable; training state not copied to storage", self.r.job_id)
-            return
-        if state is None or state[1] != self.r.worker_id:
-            raise JobGone(self.r.job_id)  # another worker owns the job and its stored state now
-        if state[0] in st.TERMINAL:
-            return  # cancelled: the state is deleted as this process stops
-        try:
-            stored.publish(path, step=step)
-        except Exception as e:
-            # The previous stored state stays complete; training goes on, and the next save retries.
-            if is_disk_full(e):
-                raise
-            log.warning("job %s: could not copy the training state to storage", self.r.job_id, exc_info=True)
-            if not self._publish_warned:
-                self._publish_warned = True
-                with self.r.db.transaction() as s:
-                    add_event(
-                        s,
-                        self.r.job_id,
-                        f"Warning: the training state at step {step} could not be copied to storage "
-                        f"({f'{type(e).__name__}: {e}'[:300]}); a worker on another machine would "
-                        "resume from an older one",
-                        level="warn",
-                    )
-
-    def on_checkpoint(self, *, step: int, path: Path, metrics: dict[str, float], is_final: bool) -> None:
-        job_id = self.r.job_id
-        with self.r.db.session() as s:
-            org_id = s.scalar(select(Job.organization_id).where(Job.id == job_id))
-        key = f"{org_id}/{job_id}/step-{step}"
-        self.r.weights.put_dir(path, key)  # atomic: readers never see a half-copied adapter
-        name = self.model_name if is_final else ids.checkpoint_model_name(self.model_name, step)
-        with self.r.db.transaction() as s:
-            # Redone after a resume: replace the earlier registration of the same checkpoint.
-            for dup in s.scalars(select(Checkpoint).where(Checkpoint.model_name == name)):
-                s.delete(dup)
-            s.flush()
-            s.add(
-                Checkpoint(
-                    id=ids.checkpoint_id(),
-                    job_id=job_id,
-                    organization_id=org_id,
-                    model_name=name,
-                    base_model=self.base_model,
-                    step_number=step,
-                    metrics={"step": step, **metrics},
-                    path=key,
-                    is_final=is_final,
-                )
-            )
-            if not is_final:
-                add_event(s, job_id, f"Checkpoint created at step {step} with Snapshot ID: {name}")
-            old = list(
-                s.scalars(
-                    select(Checkpoint)
-                    .where(Checkpoint.job_id == job_id)
-                    .order_by(Checkpoint.step_number.desc())
-                    .offset(CHECKPOINTS_KEPT)
-                )
-            )
-            for c in old:
-                s.delete(c)
-        for c in old:
-            self.r.weights.delete(c.path)
-
-    def should_stop(self) -> bool:
-        """True: stop and save the training state (our worker asked, or the job was paused or
-        cancelled). Raises JobGone when the job is no longer ours (our worker died, or another
-        worker took the job over): then nothing may be written, not even the state."""
-        if os.getppid() != self._parent:
-            raise JobGone(self.r.job_id)
-        t = time.monotonic()
-        if t - self._last_check > 2.0 or self.stop_requested:
-            self._last_check = t
-            try:
-                state = queue.job_state(self.r.db, self.r.job_id)
-                self._db_ok_at = t
-            except OperationalError:
-                # The database is unreachable: keep training while our lease may still hold (our
-                # worker renews it once the database is back); past that, stop writing anything.
-                if t - getattr(self, "_db_ok_at", t) > self.r.settings.lease_seconds:
-                    raise JobGone(self.r.job_id) from None
-                log.warning("job %s: database unreachable; training on", self.r.job_id)
-                return self.stop_requested
-            if state is None or state[1] != self.r.worker_id:
-                raise JobGone(self.r.job_id)
-            if state[0] != st.RUNNING:
-                return True
-        return self.stop_requested
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     phase, job_id, worker_id = argv
-    runner = Runner(Settings(), job_id, worker_id)
+    if phase not in PHASES:
+        raise SystemExit(f"unknown phase {phase!r}")
+    ctx = JobContext(Settings(), job_id, worker_id)
     try:
-        if phase == "validate":
-            runner.validate()
-        elif phase == "train":
-            runner.train()
-        else:
-            raise SystemExit(f"unknown phase {phase!r}")
+        job_kind = kind(ctx.load().kind)
+        getattr(job_kind, phase)(ctx)
     except JobGone:
         log.info("job %s is no longer ours; exiting", job_id)
     except Exception as e:
         log.exception("job %s: %s failed", job_id, phase)
-        if runner.rank > 0:
+        if ctx.rank > 0:
             return 1  # rank 0 (or the launcher) records what happened to the job
-        return _after_error(runner, phase, e)
+        return _after_error(ctx, phase, e)
     return 0
 
 
@@ -666,7 +44,7 @@ def main(argv: list[str]) -> int:
 TRAIN_ERROR_ATTEMPTS = 4
 
 
-def _after_error(runner: Runner, phase: str, e: Exception) -> int:
+def _after_error(ctx: JobContext, phase: str, e: Exception) -> int:
     """Record what an exception means for the job: a clear error, or a retry. Returns the exit code;
     1 when the database cannot be reached (the worker then retries the phase once it is back)."""
     what = f"{type(e).__name__}: {e}"[:1500]
@@ -679,12 +57,12 @@ def _after_error(runner: Runner, phase: str, e: Exception) -> int:
             )
         elif isinstance(e, OperationalError):
             return 1  # the database: not the job's fault; the worker retries once it is reachable
-        elif phase == "train" and (n := queue.attempts(runner.db, runner.job_id)) < TRAIN_ERROR_ATTEMPTS:
-            delay = queue.retry_delay(runner.settings.job_retry_seconds, n)
+        elif phase == "train" and (n := queue.attempts(ctx.db, ctx.job_id)) < TRAIN_ERROR_ATTEMPTS:
+            delay = queue.retry_delay(ctx.settings.job_retry_seconds, n)
             queue.release(
-                runner.db,
-                worker_id=runner.worker_id,
-                job_id=runner.job_id,
+                ctx.db,
+                worker_id=ctx.worker_id,
+                job_id=ctx.job_id,
                 message=f"Retrying in {delay:g} s: the training process failed with {what} (start {n}; the job fails at {TRAIN_ERROR_ATTEMPTS})",
                 delay=delay,
             )
@@ -692,13 +70,13 @@ def _after_error(runner: Runner, phase: str, e: Exception) -> int:
         else:
             message = f"The {phase} step failed: {what}"
         failed = queue.fail(
-            runner.db, job_id=runner.job_id, worker_id=runner.worker_id, code="server_error", message=message
+            ctx.db, job_id=ctx.job_id, worker_id=ctx.worker_id, code="server_error", message=message
         )
         if failed and phase == "train":
-            org_id = runner.load().organization_id
-            discard_training_state(runner.settings, organization_id=org_id, job_id=runner.job_id)
+            job = ctx.load()
+            kind(job.kind).discard(ctx.settings, organization_id=job.organization_id, job_id=job.id)
     except OperationalError:
-        log.exception("job %s: could not record the error", runner.job_id)
+        log.exception("job %s: could not record the error", ctx.job_id)
         return 1
     return 0
 

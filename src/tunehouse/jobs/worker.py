@@ -26,8 +26,9 @@ from tunehouse.jobs import queue
 from tunehouse.jobs import status as st
 from tunehouse.jobs.executors import Execution, make_executor
 from tunehouse.jobs.executors.local import LocalExecutor
-from tunehouse.jobs.state_store import discard_training_state, sweep_ended_jobs
-from tunehouse.store.engine import Database
+from tunehouse.jobs.kinds import kind
+from tunehouse.jobs.state_store import sweep_ended_jobs
+from tunehouse.store.engine import Database, migrate
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,8 @@ class Worker:
         # The child ended without an outcome (killed, out of memory, a crash in native code, a
         # stray signal): run the phase again (training continues from its last saved state), a
         # few times, then fail clearly.
-        what = "validation" if run.phase == "validate" else "training"
+        job_kind = kind(queue.kind_of(self.db, job_id))
+        what = job_kind.phase_names[run.phase]
         if code < 0 and -code == signal.SIGKILL:
             reason = f"the {what} process was killed (out of memory?)"
         else:
@@ -254,7 +256,7 @@ class Worker:
             + (f" Last log line: {tail}" if tail else ""),
         )
         if failed and run.phase == "train":
-            discard_training_state(
+            job_kind.discard(
                 self.settings, organization_id=queue.organization_of(self.db, job_id), job_id=job_id
             )
 
@@ -288,8 +290,6 @@ def _log_tail(path: Path) -> str:
 
 def run_forever(settings: Settings) -> None:
     """`tunehouse worker`: a worker on its own, sharing the database and home with a server."""
-    from tunehouse.store.engine import migrate
-
     settings.ensure_dirs()
     migrate(settings.db_url)
     worker = Worker(settings)

@@ -100,6 +100,9 @@ class Job(Base):
     __tablename__ = "fine_tuning_jobs"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
+    # What the job does, and so which code runs its phases (jobs/kinds.py): "fine_tuning" today;
+    # every kind shares the queue, leases, retries and crash resume of this table.
+    kind: Mapped[str] = mapped_column(String(32), default="fine_tuning", server_default="fine_tuning")
     organization_id: Mapped[str] = mapped_column(
         ForeignKey("organizations.id", ondelete="CASCADE"), index=True
     )

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from tunehouse.jobs.executors.local import LocalExecutor
+
 
 class Execution(Protocol):
     """One running phase."""
@@ -46,11 +48,10 @@ class Executor(Protocol):
 
 def make_executor(settings) -> Executor:
     if settings.executor == "ray":
+        # Imported only when asked for: ray is an optional extra (`tunehouse[ray]`).
         from tunehouse.jobs.executors.ray import RayExecutor
 
         return RayExecutor(settings)
     if settings.executor != "local":
         raise ValueError(f"TUNEHOUSE_EXECUTOR must be local or ray, not {settings.executor!r}")
-    from tunehouse.jobs.executors.local import LocalExecutor
-
     return LocalExecutor(settings)

@@ -39,8 +39,8 @@ from pathlib import Path
 import ray
 from ray.exceptions import GetTimeoutError, TaskCancelledError
 
+from tunehouse.jobs.context import DP_LOCAL_RANK, DP_MASTER, DP_RANK, DP_WORLD_SIZE
 from tunehouse.jobs.executors.local import runner_command
-from tunehouse.jobs.runner import DP_LOCAL_RANK, DP_MASTER, DP_RANK, DP_WORLD_SIZE
 
 STOP_GRACE_SECONDS = 10.0
 # Settings and library switches the runner needs on the node; everything else (PATH,
