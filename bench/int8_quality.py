@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from serve_speed import PROMPTS as SERVE_PROMPTS  # bench/ is on the path when run as a script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunehouse.catalog import ensure_default_model
 from tunehouse.config import Settings
 from tunehouse.inference.quantize import CALIBRATION_CHAT, quantize_int8
+from tunehouse.store.catalog import ensure_default_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [

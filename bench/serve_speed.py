@@ -11,7 +11,7 @@
 Plain `generate` runs twice: with the model as `from_pretrained` loads it (fp32, what a user gets
 by default) and in the engine's dtype (bf16 where the CPU has AMX), so the ratios show what comes
 from the dtype and what from the batching. The base is the real default model, resolved through
-`tunehouse.catalog` (converted from the installed GGUF once; no downloads). Timings on a shared
+`tunehouse.store.catalog` (converted from the installed GGUF once; no downloads). Timings on a shared
 machine are noisy: the contenders are measured in turn, `--repeats` rounds, and each keeps its best;
 compare ratios within one run. The last lines give the ratios against the faster of the two plain runs.
 
@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-from tunehouse.catalog import ensure_default_model
 from tunehouse.config import Settings
 from tunehouse.inference.engine import Delta, ModelRef, SamplingParams, Usage
 from tunehouse.inference.hf import HFEngine
 from tunehouse.inference.quantize import int8_supported
+from tunehouse.store.catalog import ensure_default_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [

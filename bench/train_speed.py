@@ -463,8 +463,8 @@ def main() -> None:
     if args.warmup_steps >= args.steps:
         parser.error("--steps must be larger than --warmup-steps")
 
-    from tunehouse.catalog import ensure_default_model
     from tunehouse.config import Settings
+    from tunehouse.store.catalog import ensure_default_model
 
     model = ensure_default_model(Settings(models_dir=args.models_dir))
     tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="train_speed_")

@@ -20,7 +20,7 @@ TINY_MODEL = "tiny-smollm2"
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from tunehouse.catalog import ensure_default_model
+    from tunehouse.store.catalog import ensure_default_model
 
     return ensure_default_model(Settings(home=MODELS_DIR.parent / "home-unused", models_dir=MODELS_DIR))
 

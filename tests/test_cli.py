@@ -15,8 +15,8 @@ from tunehouse.cli.main import app
 
 
 def test_keys_create_gives_a_working_key_per_org(tmp_path):
-    from tunehouse.auth import authenticate
     from tunehouse.store.engine import Database
+    from tunehouse.tenancy.auth import authenticate
 
     home = tmp_path / "home"
     runner = CliRunner()

@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from tunehouse.catalog import is_base_model, resolve_base_model
+from tunehouse.store.catalog import is_base_model, resolve_base_model
 from tunehouse.config import Settings
 from tunehouse.errors import ModelNotFound
 from tunehouse.inference.models import stop_token_ids

@@ -74,8 +74,8 @@ def shared_server(tiny_model_dir, tmp_path_factory):
 
 
 def create_org_key(settings: Settings, org: str) -> str:
-    from tunehouse.auth import create_key
     from tunehouse.store.engine import Database
+    from tunehouse.tenancy.auth import create_key
 
     db = Database(settings.db_url)
     with db.transaction() as s:
@@ -91,9 +91,9 @@ def create_tenant_key(
     needed). Returns the plain key and the project id (None for an admin key)."""
     from sqlalchemy import select
 
-    from tunehouse.auth import create_key
     from tunehouse.store.engine import Database
     from tunehouse.store.tables import Project
+    from tunehouse.tenancy.auth import create_key
     from tunehouse.tenancy.projects import create_project, get_or_create_org
 
     db = Database(settings.db_url)

@@ -74,7 +74,7 @@ def test_token_estimate_is_refused_when_too_large_and_given_back_after_an_error(
 
 
 def test_limits_per_organization_and_per_key_from_the_cli(settings):
-    from tunehouse.auth import authenticate
+    from tunehouse.tenancy.auth import authenticate
 
     settings.local_worker = False
     with LiveServer(settings) as live:

@@ -27,7 +27,7 @@ def _today_start():
 
 
 def _principal(live, key):
-    from tunehouse.auth import authenticate
+    from tunehouse.tenancy.auth import authenticate
 
     with live.app.state.tunehouse.db.transaction() as s:
         return authenticate(s, f"Bearer {key}", admin_key=None)
@@ -110,7 +110,7 @@ def test_training_is_metered_once_priced_after_the_allowance_and_announced(setti
 
 
 def test_inference_metering_per_model_and_key_in_the_completions_usage_shape(settings):
-    from tunehouse.metering import record_inference
+    from tunehouse.usage.metering import record_inference
 
     settings.local_worker = False
     settings.prices = {"ft:*": {"input": 1.0, "output": 2.0}}

@@ -156,8 +156,8 @@ def test_endpoint_that_keeps_failing_is_marked_failed_after_the_last_attempt(fas
 def test_webhook_api_needs_an_owner_admin_key_and_a_valid_url(settings):
     from sqlalchemy import select
 
-    from tunehouse.auth import create_key
     from tunehouse.store.tables import Organization
+    from tunehouse.tenancy.auth import create_key
     from tunehouse.tenancy.projects import create_project
 
     settings.local_worker = False

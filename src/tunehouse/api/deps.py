@@ -9,9 +9,9 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from tunehouse.auth import Principal, authenticate
+from tunehouse.api.state import AppState
 from tunehouse.errors import PermissionDenied
-from tunehouse.state import AppState
+from tunehouse.tenancy.auth import Principal, authenticate
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 INSUFFICIENT = "You have insufficient permissions for this operation."

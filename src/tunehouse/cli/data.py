@@ -37,9 +37,9 @@ def _fail(message: str) -> typer.Exit:
 
 def _load_tokenizer(model: str | None):
     """(model name, folder, tokenizer) for a catalog name or a local Hugging Face folder."""
-    from tunehouse.catalog import resolve_base_model
     from tunehouse.config import Settings
     from tunehouse.errors import APIError
+    from tunehouse.store.catalog import resolve_base_model
 
     if model is not None and Path(model).is_dir():
         folder = Path(model)

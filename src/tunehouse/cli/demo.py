@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tunehouse.catalog import DEFAULT_MODEL
+from tunehouse.store.catalog import DEFAULT_MODEL
 
 
 def _free_port() -> int:

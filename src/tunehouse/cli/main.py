@@ -11,8 +11,8 @@ from rich.console import Console
 
 from tunehouse.cli.data import data_app
 from tunehouse.cli.export import export_cmd
+from tunehouse.cli.tenancy import audit_cmd, keys_app, orgs_app, projects_app
 from tunehouse.cli.usage import quotas_app, usage_cmd, webhooks_app
-from tunehouse.tenancy.cli import audit_cmd, keys_app, orgs_app, projects_app
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Self-hosted, OpenAI-compatible fine-tuning."
@@ -52,7 +52,7 @@ def serve(
     import uvicorn
 
     from tunehouse.api.app import create_app
-    from tunehouse.auth import DEFAULT_ORG, create_key, has_keys
+    from tunehouse.tenancy.auth import DEFAULT_ORG, create_key, has_keys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(home, local_worker=worker)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from tunehouse.store.tables import AuditLog, now
 
 if TYPE_CHECKING:
-    from tunehouse.auth import Principal
+    from tunehouse.tenancy.auth import Principal
 
 _ALPHANUM = string.ascii_lowercase + string.digits
 

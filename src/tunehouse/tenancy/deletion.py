@@ -37,10 +37,10 @@ from tunehouse.tenancy.projects import project_in_org
 from tunehouse.tenancy.scope import result_file_ids
 
 if TYPE_CHECKING:
-    from tunehouse.auth import Principal
+    from tunehouse.api.state import AppState
     from tunehouse.config import Settings
-    from tunehouse.state import AppState
     from tunehouse.store.engine import Database
+    from tunehouse.tenancy.auth import Principal
 
 
 @dataclass

@@ -16,7 +16,7 @@ from tunehouse.store.tables import Organization, Project, now
 from tunehouse.tenancy import audit
 
 if TYPE_CHECKING:
-    from tunehouse.auth import Principal
+    from tunehouse.tenancy.auth import Principal
 
 DEFAULT_PROJECT_NAME = "Default project"
 _ALPHANUM = string.ascii_letters + string.digits

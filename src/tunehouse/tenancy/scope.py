@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from tunehouse.store.tables import Checkpoint, CheckpointPermission, File, Job, Project
 
 if TYPE_CHECKING:
-    from tunehouse.auth import Principal
+    from tunehouse.tenancy.auth import Principal
 
 
 def scoped(table: Any, principal: Principal) -> Select:

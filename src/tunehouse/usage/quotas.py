@@ -213,8 +213,8 @@ def estimate_tokens(
 ) -> int | None:
     """Billable tokens (tokens × epochs) as the data check counts them; None when the file has
     errors (validation will fail the job with them)."""
-    from tunehouse.catalog import resolve_base_model
     from tunehouse.data.analysis import check_files, context_length_for
+    from tunehouse.store.catalog import resolve_base_model
 
     base = resolve_base_model(settings, base_model)
     report = check_files(

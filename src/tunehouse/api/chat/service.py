@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from tunehouse import ids, metering
+from tunehouse import ids
 from tunehouse.api.chat.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -46,6 +46,7 @@ from tunehouse.inference.engine import (
     TokenLogprob,
     Usage,
 )
+from tunehouse.usage import metering
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from tunehouse import ids
 from tunehouse.api.files.protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
 from tunehouse.api.files.upload import stream_multipart_to_file
 from tunehouse.api.pagination import page
-from tunehouse.auth import Principal
+from tunehouse.api.state import AppState
 from tunehouse.errors import InvalidRequest, NotFound, PayloadTooLarge
-from tunehouse.state import AppState
 from tunehouse.store.tables import File, now
 from tunehouse.tenancy import audit
+from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import scoped_files
 from tunehouse.usage.quotas import check_storage, storage_exceeded, storage_room
 

@@ -9,10 +9,10 @@ from sqlalchemy.orm import Session
 
 from tunehouse.api.files.service import file_path, get_file_row
 from tunehouse.api.fine_tuning.protocol import DataCheckRequest
-from tunehouse.auth import Principal
-from tunehouse.catalog import resolve_base_model
+from tunehouse.api.state import AppState
 from tunehouse.errors import NotFound
-from tunehouse.state import AppState
+from tunehouse.store.catalog import resolve_base_model
+from tunehouse.tenancy.auth import Principal
 from tunehouse.training import throughput
 from tunehouse.usage.prices import price_for
 

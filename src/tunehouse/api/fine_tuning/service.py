@@ -23,13 +23,13 @@ from tunehouse.api.fine_tuning.protocol import (
     JobError,
 )
 from tunehouse.api.pagination import page
-from tunehouse.auth import Principal
-from tunehouse.catalog import is_base_model
 from tunehouse.config import Settings
 from tunehouse.errors import InvalidRequest, ModelNotFound, NotFound
 from tunehouse.jobs import status as st
 from tunehouse.jobs.events import add_event
+from tunehouse.store.catalog import is_base_model
 from tunehouse.store.tables import Checkpoint, Job, JobEvent, now
+from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import own_checkpoint, scoped
 from tunehouse.usage.quotas import admit_job
 from tunehouse.webhooks.outbox import JOB_CANCELLED, enqueue_job_event

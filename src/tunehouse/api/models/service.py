@@ -5,12 +5,12 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from tunehouse.api.models.protocol import Model, ModelDeleted, ModelList
-from tunehouse.auth import Principal
-from tunehouse.catalog import BASE_CREATED, is_base_model, list_base_models, resolve_base_model
+from tunehouse.api.state import AppState
 from tunehouse.errors import ModelNotFound, PermissionDenied
 from tunehouse.inference.engine import ModelRef
-from tunehouse.state import AppState
+from tunehouse.store.catalog import BASE_CREATED, is_base_model, list_base_models, resolve_base_model
 from tunehouse.tenancy import audit
+from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import own_checkpoint, usable_checkpoint, usable_checkpoints
 
 # Fine-tuned models are the caller's own (its project's, or its organization's for an admin key)

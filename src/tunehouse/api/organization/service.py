@@ -16,14 +16,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tunehouse import auth
 from tunehouse.api.organization import protocol as wire
 from tunehouse.api.pagination import page
-from tunehouse.auth import Principal
+from tunehouse.api.state import AppState
 from tunehouse.errors import InvalidRequest, NotFound, PermissionDenied
-from tunehouse.state import AppState
 from tunehouse.store.tables import ApiKey, AuditLog, Checkpoint, CheckpointPermission, Project
-from tunehouse.tenancy import audit, deletion, projects
+from tunehouse.tenancy import audit, auth, deletion, projects
+from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import own_checkpoint
 
 INSUFFICIENT = "You have insufficient permissions for this operation."

@@ -29,8 +29,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 @contextmanager
 def _state(home: Path | None):
+    from tunehouse.api.state import AppState
     from tunehouse.config import Settings
-    from tunehouse.state import AppState
 
     state = AppState.open(Settings(home=home) if home is not None else Settings())
     try:
@@ -81,8 +81,8 @@ def keys_create(
     home: HomeOpt = None,
 ) -> None:
     """Create an API key and print it (once: only its hash is stored)."""
-    from tunehouse.auth import create_key
     from tunehouse.errors import APIError
+    from tunehouse.tenancy.auth import create_key
     from tunehouse.tenancy.projects import get_or_create_org
 
     with _state(home) as state, state.db.transaction() as s:
@@ -102,8 +102,8 @@ def keys_list(org: OrgOpt = "default", home: HomeOpt = None, as_json: JsonOpt = 
     """Live keys of an organization (their prefix only: keys are never shown again)."""
     from sqlalchemy import select
 
-    from tunehouse.auth import list_keys, redacted
     from tunehouse.store.tables import Project
+    from tunehouse.tenancy.auth import list_keys, redacted
 
     with _state(home) as state, state.db.session() as s:
         organization = _org(s, org)
@@ -143,7 +143,7 @@ def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="The key's id (key_...).")], home: HomeOpt = None
 ) -> None:
     """Revoke a key: it stops working at once."""
-    from tunehouse.auth import revoke_key
+    from tunehouse.tenancy.auth import revoke_key
 
     with _state(home) as state, state.db.transaction() as s:
         if not revoke_key(s, key_id):
@@ -158,8 +158,8 @@ def keys_rotate(
     """Replace a key by a new one with the same project and role; the old one is revoked at once."""
     from sqlalchemy import select
 
-    from tunehouse.auth import rotate_key
     from tunehouse.store.tables import ApiKey
+    from tunehouse.tenancy.auth import rotate_key
 
     with _state(home) as state, state.db.transaction() as s:
         row = s.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)))
