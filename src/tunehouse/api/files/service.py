@@ -1,4 +1,6 @@
-"""Files: stored under <home>/files/<org>/<id>, one row each; deleting removes the bytes."""
+"""/v1/files as the API sees them: multipart uploads streamed into storage within the storage
+quota, lookups scoped to the caller, downloads, deletes (audited). The rows and bytes themselves,
+under <files store>/<org>/<id>, are `tunehouse.store.files`."""
 
 from __future__ import annotations
 
@@ -7,15 +9,14 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tunehouse import ids
 from tunehouse.api.files.protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
 from tunehouse.api.files.upload import stream_multipart_to_file
 from tunehouse.api.pagination import page
 from tunehouse.api.state import AppState
 from tunehouse.errors import InvalidRequest, NotFound, PayloadTooLarge
+from tunehouse.store import files
 from tunehouse.store.tables import File, now
 from tunehouse.tenancy import audit
 from tunehouse.tenancy.auth import Principal
@@ -37,15 +38,10 @@ def to_wire(row: File) -> FileObject:
     )
 
 
-def _blob_key(organization_id: str, file_id: str) -> str:
-    return f"{organization_id}/{file_id}"
-
-
 async def upload_file(
     state: AppState, *, principal: Principal, content_type: str | None, body: AsyncIterator[bytes]
 ) -> FileObject:
-    file_id = ids.file_id()
-    key = _blob_key(principal.organization_id, file_id)
+    file_id, key = files.new_file(organization_id=principal.organization_id)
     # Streamed straight into storage under a temporary key, published by commit() below.
     blob = state.files.writer(key)
     # The storage quota (usage/quotas.py) caps the upload as it streams: nothing over it is kept.
@@ -97,24 +93,23 @@ async def upload_file(
                     "Invalid value for 'expires_after[seconds]'.", param="expires_after"
                 ) from None
         blob.commit()
-        row = File(
-            id=file_id,
-            organization_id=principal.organization_id,
-            project_id=principal.owning_project_id,
-            filename=filename[:512],
-            purpose=purpose,
-            bytes=parsed.bytes,
-            status="processed",
-            path=key,
-            expires_at=expires_at,
-        )
         try:
             with state.db.transaction() as session:
                 # Again, counting what others stored meanwhile.
                 check_storage(state.settings, session, principal.organization_id, parsed.bytes)
-                session.add(row)
+                row = files.add_file(
+                    session,
+                    file_id=file_id,
+                    key=key,
+                    organization_id=principal.organization_id,
+                    project_id=principal.owning_project_id,
+                    filename=filename[:512],
+                    purpose=purpose,
+                    size=parsed.bytes,
+                    expires_at=expires_at,
+                )
         except Exception:
-            state.files.delete(key)
+            files.delete_bytes(state.files, key)
             raise
         return to_wire(row)
     finally:
@@ -122,7 +117,7 @@ async def upload_file(
 
 
 def create_file_from_bytes(
-    state: AppState,
+    state,
     session: Session,
     *,
     organization_id: str,
@@ -131,22 +126,17 @@ def create_file_from_bytes(
     data: bytes,
     project_id: str | None = None,
 ) -> File:
-    """Files the system makes itself (result CSVs); added to the caller's transaction."""
-    file_id = ids.file_id()
-    key = _blob_key(organization_id, file_id)
-    state.files.write_bytes(key, data)
-    row = File(
-        id=file_id,
+    """Deprecated: `tunehouse.store.files.create_file(session, blobs, ...)` (no server state needed).
+    Kept until jobs/fine_tuning.py calls the store directly; `state` is anything with `.files`."""
+    return files.create_file(
+        session,
+        state.files,
         organization_id=organization_id,
-        project_id=project_id,
         filename=filename,
         purpose=purpose,
-        bytes=len(data),
-        status="processed",
-        path=key,
+        data=data,
+        project_id=project_id,
     )
-    session.add(row)
-    return row
 
 
 def get_file_row(session: Session, *, principal: Principal, file_id: str) -> File:
@@ -173,13 +163,12 @@ def list_files(
 
 
 def file_path(state: AppState, row: File) -> Path:
-    return state.files.path(row.path)
+    return files.file_path(state.files, row)
 
 
 def delete_file(state: AppState, session: Session, *, principal: Principal, file_id: str) -> FileDeleted:
     row = get_file_row(session, principal=principal, file_id=file_id)
-    key = row.path
-    session.delete(row)
+    key = files.delete_file(session, row)
     audit.record(
         session,
         organization_id=row.organization_id,
@@ -190,10 +179,5 @@ def delete_file(state: AppState, session: Session, *, principal: Principal, file
         details={"filename": row.filename, "purpose": row.purpose, "bytes": row.bytes},
     )
     session.commit()
-    state.files.delete(key)
+    files.delete_bytes(state.files, key)
     return FileDeleted(id=file_id, deleted=True)
-
-
-def any_file_of(session: Session, file_id: str) -> File | None:
-    """Internal (worker) lookup, not scoped: callers have already checked ownership."""
-    return session.scalar(select(File).where(File.id == file_id))

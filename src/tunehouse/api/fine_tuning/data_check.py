@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from tunehouse.api.files.service import file_path, get_file_row
 from tunehouse.api.fine_tuning.protocol import DataCheckRequest
 from tunehouse.api.state import AppState
+from tunehouse.data.analysis import check_files, context_length_for
 from tunehouse.errors import NotFound
 from tunehouse.store.catalog import resolve_base_model
 from tunehouse.tenancy.auth import Principal
@@ -32,8 +33,6 @@ def _path(state: AppState, session: Session, principal: Principal, file_id: str,
 
 
 def check(state: AppState, session: Session, *, principal: Principal, req: DataCheckRequest) -> dict:
-    from tunehouse.data.analysis import check_files, context_length_for
-
     train = _path(state, session, principal, req.training_file, "training_file")
     valid = (
         _path(state, session, principal, req.validation_file, "validation_file")

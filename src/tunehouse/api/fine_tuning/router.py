@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
 def create_job(
     req: CreateFineTuningJobRequest, state: StateDep, session: SessionDep, principal: OrgDep
 ) -> FineTuningJob:
-    return service.create_job(state.settings, session, principal=principal, req=req)
+    return service.create_job(state.settings, session, files_store=state.files, principal=principal, req=req)
 
 
 @router.get("/jobs", response_model=FineTuningJobList)

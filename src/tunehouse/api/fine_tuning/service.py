@@ -4,6 +4,7 @@ list, retrieve, cancel, events and checkpoints. The worker does the rest (jobs/)
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,10 +28,13 @@ from tunehouse.config import Settings
 from tunehouse.errors import InvalidRequest, ModelNotFound, NotFound
 from tunehouse.jobs import status as st
 from tunehouse.jobs.events import add_event
+from tunehouse.store import files
+from tunehouse.store.blobs import Blobs
 from tunehouse.store.catalog import is_base_model
 from tunehouse.store.tables import Checkpoint, Job, JobEvent, now
 from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import own_checkpoint, scoped
+from tunehouse.training.hparams import LORA_TARGET_MODULES
 from tunehouse.usage.quotas import admit_job
 from tunehouse.webhooks.outbox import JOB_CANCELLED, enqueue_job_event
 
@@ -65,11 +69,8 @@ def to_wire(job: Job) -> FineTuningJob:
     )
 
 
-def _file_on_disk(settings: Settings, session: Session, principal: Principal, file_id: str):
-    from tunehouse.store.blobs import open_blobs
-
-    row = get_file_row(session, principal=principal, file_id=file_id)
-    return open_blobs(settings, "files").path(row.path)
+def _file_on_disk(blobs: Blobs, session: Session, principal: Principal, file_id: str) -> Path:
+    return files.file_path(blobs, get_file_row(session, principal=principal, file_id=file_id))
 
 
 def _check_training_file(session: Session, principal: Principal, file_id: str, param: str) -> None:
@@ -119,8 +120,6 @@ def _resolve_fine_tuning_type(
     """The requested hyperparameters with the tunehouse extensions resolved: `fine_tuning_type`
     "auto" becomes "lora", or the type of the ft: model the job continues; a full job carries no
     LoRA fields, a LoRA job its target modules (the default list when none were asked for)."""
-    from tunehouse.training.hparams import LORA_TARGET_MODULES
-
     init_type = None
     if init_model is not None:
         job_id = session.scalar(select(Checkpoint.job_id).where(Checkpoint.model_name == init_model))
@@ -167,7 +166,12 @@ def _resolve_start(
 
 
 def create_job(
-    settings: Settings, session: Session, *, principal: Principal, req: CreateFineTuningJobRequest
+    settings: Settings,
+    session: Session,
+    *,
+    files_store: Blobs,
+    principal: Principal,
+    req: CreateFineTuningJobRequest,
 ) -> FineTuningJob:
     method_type, requested, where = _resolve_hyperparameters(req)
     base_model, options = _resolve_start(settings, session, principal, req.model)
@@ -190,7 +194,7 @@ def create_job(
         session,
         organization_id=principal.organization_id,
         base_model=base_model,
-        train_path=lambda: _file_on_disk(settings, session, principal, req.training_file),
+        train_path=lambda: _file_on_disk(files_store, session, principal, req.training_file),
         method=method_type,
         n_epochs=hyper.get("n_epochs", "auto"),
     )
