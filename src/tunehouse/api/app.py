@@ -15,13 +15,13 @@ from tunehouse.api.errors import install_error_handlers
 from tunehouse.api.files.router import router as files_router
 from tunehouse.api.fine_tuning.router import router as fine_tuning_router
 from tunehouse.api.middleware.json_guard import JsonBodyGuard
+from tunehouse.api.middleware.ratelimit import RateLimitMiddleware
 from tunehouse.api.models.router import router as models_router
 from tunehouse.api.organization.router import permissions_router
 from tunehouse.api.organization.router import router as organization_router
 from tunehouse.api.state import AppState
 from tunehouse.api.usage.router import router as usage_router
 from tunehouse.config import Settings
-from tunehouse.usage.ratelimit import RateLimitMiddleware
 from tunehouse.webhooks.delivery import WebhookSender
 
 log = logging.getLogger(__name__)

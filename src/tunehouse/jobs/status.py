@@ -1,12 +1,3 @@
-"""Job statuses, exactly OpenAI's (plus `paused`, which OpenAI returns but its enum lacks)."""
+"""Job statuses: `tunehouse.store.job_status` (the values of the jobs table's status column)."""
 
-VALIDATING = "validating_files"
-QUEUED = "queued"
-RUNNING = "running"
-PAUSED = "paused"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
-
-ACTIVE = (VALIDATING, QUEUED, RUNNING, PAUSED)
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+from tunehouse.store.job_status import *  # noqa: F403

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select, update
 
 from tunehouse.errors import InvalidRequest, NotFound
-from tunehouse.jobs import status as st
 from tunehouse.jobs.events import add_event
 from tunehouse.jobs.state_store import discard_training_state
+from tunehouse.store import job_status as st
 from tunehouse.store.tables import (
     ApiKey,
     Checkpoint,

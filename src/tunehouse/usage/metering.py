@@ -18,16 +18,17 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from tunehouse.store.tables import Job, Organization
+from tunehouse.usage import ratelimit
+from tunehouse.usage.prices import price_for
+from tunehouse.usage.quotas import effective_quotas
+from tunehouse.usage.records import INFERENCE, TRAINING, add_usage, training_tokens_on, utc_day
 
 log = logging.getLogger(__name__)
 
 
 def record_inference(state, principal, *, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-    """Record one inference request's tokens for the caller's organization and project."""
-    from tunehouse.usage import ratelimit
-    from tunehouse.usage.prices import price_for
-    from tunehouse.usage.records import INFERENCE, add_usage
-
+    """Record one inference request's tokens for the caller's organization and project
+    (`state`: anything with the server's `settings` and `db`)."""
     ratelimit.reconcile(prompt_tokens + completion_tokens)
     price = price_for(state.settings, model)
     try:
@@ -53,10 +54,6 @@ def record_training(session: Session, settings, *, job_id: str) -> float:
     """Meter a job that has just succeeded (call inside the transaction that marked it so).
 
     Returns the cost billed after the free allowance, also stored on the job."""
-    from tunehouse.usage.prices import price_for
-    from tunehouse.usage.quotas import effective_quotas
-    from tunehouse.usage.records import TRAINING, add_usage, training_tokens_on, utc_day
-
     job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
     # Serialises allowance accounting per organization on PostgreSQL (SQLite already holds the
     # database's write lock here), so two jobs finishing at once cannot both spend the same allowance.

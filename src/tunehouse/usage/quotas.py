@@ -19,9 +19,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from tunehouse.config import Settings
+from tunehouse.data.analysis import check_files, context_length_for
 from tunehouse.errors import RateLimited
-from tunehouse.jobs import status as st
+from tunehouse.store import job_status as st
+from tunehouse.store.catalog import resolve_base_model
 from tunehouse.store.tables import File, Job, Organization, OrganizationQuota, now
+from tunehouse.usage.prices import price_for
 from tunehouse.usage.records import training_tokens_on, utc_day
 
 UNLIMITED = -1  # stored in an override: no limit, whatever the default
@@ -213,9 +216,6 @@ def estimate_tokens(
 ) -> int | None:
     """Billable tokens (tokens × epochs) as the data check counts them; None when the file has
     errors (validation will fail the job with them)."""
-    from tunehouse.data.analysis import check_files, context_length_for
-    from tunehouse.store.catalog import resolve_base_model
-
     base = resolve_base_model(settings, base_model)
     report = check_files(
         train_path,
@@ -242,8 +242,6 @@ def admit_job(
     """Refuse a job that would exceed a quota (before anything is written); else the billing
     columns for its row: the training price quoted now and, when a daily token quota applies, the
     estimate it was admitted on (otherwise validation fills the estimate in)."""
-    from tunehouse.usage.prices import price_for
-
     quotas = effective_quotas(settings, session, organization_id)
     price = price_for(settings, base_model).training
     billing: dict = {"training_price": price}

@@ -1,5 +1,4 @@
-"""Rate limits per API key: requests and tokens per minute, OpenAI's `x-ratelimit-*` headers, and a
-429 with `Retry-After` when a limit is reached.
+"""Rate limits per API key: requests and tokens per minute, as token buckets.
 
 Each key has two token buckets (capacity = the per-minute limit, refilled continuously at limit/60
 per second). They live in this process: with several API server processes, each enforces the
@@ -12,26 +11,30 @@ Tokens are counted for chat and completions only. Before the request they are es
 unset), and taken from the bucket; after it, `record_inference` reports the true count and the
 difference is given back or taken (`reconcile`). A request that produced no tokens (an error) gets
 its whole estimate back.
+
+No HTTP here: `api/middleware/ratelimit.py` asks `RateLimiter.admit` per request, answers 429 with
+OpenAI's `x-ratelimit-*` and `Retry-After` headers from the `Decision`, and runs the request inside
+`charging(ticket)` so that the true count settles the estimate.
 """
 
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import json
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
 from tunehouse.store.tables import ApiKeyRateLimit
+from tunehouse.usage.quotas import effective_quotas
 
-TOKEN_PATHS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_COMPLETION_ESTIMATE = 256
 LIMITS_TTL = 5.0  # seconds a key's limits (and who a key is) are cached
-MAX_ESTIMATED_BODY = 8 * 1024 * 1024  # bodies beyond this are not read for the estimate
 
 
 class TokenBucket:
@@ -87,8 +90,20 @@ def reconcile(actual_tokens: int) -> None:
     ticket = _current.get()
     if ticket is None or ticket.settled:
         return
-    ticket.settled = True
-    ticket.limiter.adjust(ticket.ident, actual_tokens - ticket.estimated)
+    reconcile_ticket(ticket, actual_tokens)
+
+
+@contextmanager
+def charging(ticket: Ticket | None) -> Iterator[None]:
+    """Run one admitted request: `reconcile` inside settles its estimate with the true count, and
+    an estimate still unsettled at the end (an error, no tokens) is given back whole."""
+    token = _current.set(ticket)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+        if ticket is not None and not ticket.settled:
+            reconcile_ticket(ticket, 0)
 
 
 def duration(seconds: float) -> str:
@@ -132,8 +147,6 @@ class RateLimiter:
         cached = self._limits.get(ident)
         if cached and time.monotonic() - cached[0] < LIMITS_TTL:
             return cached[1]
-        from tunehouse.usage.quotas import effective_quotas
-
         with self.db.session() as s:
             q = effective_quotas(self.settings, s, principal.organization_id)
             rpm, tpm = q.requests_per_minute, q.tokens_per_minute
@@ -229,123 +242,7 @@ def identity(principal) -> str:
     return principal.key_id or f"admin-key:{principal.organization_id}"
 
 
-# --- the ASGI middleware ---------------------------------------------------------------------------
-
-
-class RateLimitMiddleware:
-    """Authenticated /v1 requests only: an unauthenticated one goes through untouched, and the
-    route's own authentication answers it (401)."""
-
-    def __init__(self, app, *, state):
-        self.app = app
-        self.state = state
-        self.limiter = RateLimiter(state.settings, state.db)
-        self._principals: dict[str, tuple[float, object]] = {}
-
-    async def _principal(self, authorization: str):
-        from starlette.concurrency import run_in_threadpool
-
-        from tunehouse.api.deps import get_principal
-        from tunehouse.errors import APIError
-
-        h = hashlib.sha256(authorization.encode()).hexdigest()
-        cached = self._principals.get(h)
-        if cached and time.monotonic() - cached[0] < LIMITS_TTL:
-            return cached[1]
-        try:
-            principal = await run_in_threadpool(get_principal, self.state, authorization)
-        except APIError:
-            return None
-        if len(self._principals) > 10_000:
-            self._principals.clear()
-        self._principals[h] = (time.monotonic(), principal)
-        return principal
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
-        principal = await self._principal(authorization) if authorization else None
-        if principal is None:
-            return await self.app(scope, receive, send)
-
-        from starlette.concurrency import run_in_threadpool
-
-        tokens = None
-        if scope["method"] == "POST" and scope["path"] in TOKEN_PATHS:
-            body, receive = await _buffer_body(receive)
-            tokens = estimate_tokens(body) if body is not None else 0
-        decision, ticket = await run_in_threadpool(self.limiter.admit, principal, tokens=tokens)
-        if not decision.allowed:
-            return await self._refuse(decision, scope, receive, send)
-
-        extra = [(k.encode(), v.encode()) for k, v in decision.headers.items()]
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message = dict(message)
-                hdrs = list(message.get("headers", [])) + extra
-                # A 429 that is not ours is a quota (usage/quotas.py): retrying soon does not help.
-                if message["status"] == 429 and not any(k.lower() == b"retry-after" for k, _ in hdrs):
-                    hdrs.append((b"x-should-retry", b"false"))
-                message["headers"] = hdrs
-            await send(message)
-
-        token = _current.set(ticket)
-        try:
-            await self.app(scope, receive, send_with_headers)
-        finally:
-            _current.reset(token)
-            if ticket is not None and not ticket.settled:
-                reconcile_ticket(ticket, 0)
-
-    async def _refuse(self, decision: Decision, scope, receive, send):
-        from fastapi.responses import JSONResponse
-
-        from tunehouse.api.errors import error_body
-
-        headers = dict(decision.headers)
-        if decision.retry_after is not None:
-            headers["retry-after"] = str(max(1, math.ceil(decision.retry_after)))
-            headers["retry-after-ms"] = str(max(1, math.ceil(decision.retry_after * 1000)))
-        else:
-            headers["x-should-retry"] = "false"
-        response = JSONResponse(
-            error_body(decision.message, decision.type, None, "rate_limit_exceeded"),
-            status_code=429,
-            headers=headers,
-        )
-        await response(scope, receive, send)
-
-
 def reconcile_ticket(ticket: Ticket, actual_tokens: int) -> None:
+    """Settle `ticket`'s estimate with the true count: the difference is given back or taken."""
     ticket.settled = True
     ticket.limiter.adjust(ticket.ident, actual_tokens - ticket.estimated)
-
-
-async def _buffer_body(receive):
-    """Read the whole body (for the estimate) and hand the app a receive that replays it."""
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            # The client went away: replay the disconnect to the app.
-            async def gone(message=message):
-                return message
-
-            return None, gone
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        more = message.get("more_body", False)
-    body = b"".join(chunks)
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return (body if size <= MAX_ESTIMATED_BODY else None), replay

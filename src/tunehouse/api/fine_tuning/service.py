@@ -26,9 +26,9 @@ from tunehouse.api.fine_tuning.protocol import (
 from tunehouse.api.pagination import page
 from tunehouse.config import Settings
 from tunehouse.errors import InvalidRequest, ModelNotFound, NotFound
-from tunehouse.jobs import status as st
 from tunehouse.jobs.events import add_event
 from tunehouse.store import files
+from tunehouse.store import job_status as st
 from tunehouse.store.blobs import Blobs
 from tunehouse.store.catalog import is_base_model
 from tunehouse.store.tables import Checkpoint, Job, JobEvent, now
