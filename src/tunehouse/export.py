@@ -32,11 +32,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from tunehouse.store.catalog import is_base_model, resolve_base_model
 from tunehouse.config import Settings
 from tunehouse.errors import ModelNotFound
 from tunehouse.inference.models import stop_token_ids
 from tunehouse.store.blobs import open_blobs
+from tunehouse.store.catalog import is_base_model, resolve_base_model
 from tunehouse.store.engine import Database, migrate
 from tunehouse.store.tables import Checkpoint
 

@@ -1,16 +1,26 @@
-"""Identifiers in OpenAI's shapes: file-…, ftjob-…, ftevent-…, ftckpt_…, ft:<base>:<org>:<suffix>:<id>."""
+"""Every identifier the system hands out, in OpenAI's shapes where OpenAI has one: file-…, ftjob-…,
+ftevent-…, ftckpt_…, chatcmpl-…, cmpl-…, proj_…, cp_…, audit_log-…, ft:<base>:<org>:<suffix>:<id>;
+ours (keys, webhooks, request ids) in the same style. Nothing else makes ids by hand."""
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 import string
+import uuid
+from datetime import UTC, datetime
 
 _ALPHANUM = string.ascii_letters + string.digits
+_LOWER_ALPHANUM = string.ascii_lowercase + string.digits
 
 
-def _random(n: int) -> str:
-    return "".join(secrets.choice(_ALPHANUM) for _ in range(n))
+def _random(n: int, alphabet: str = _ALPHANUM) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def _hex(n: int) -> str:
+    return uuid.uuid4().hex[:n]
 
 
 def file_id() -> str:
@@ -37,8 +47,56 @@ def key_id() -> str:
     return f"key_{_random(16)}"
 
 
+def project_id() -> str:
+    return f"proj_{_random(24)}"
+
+
+def permission_id() -> str:
+    """A checkpoint permission (fine_tuning.checkpoints.permissions)."""
+    return f"cp_{_random(24)}"
+
+
+def audit_log_id(created_at: int) -> str:
+    """OpenAI's shape: audit_log-<random>_<yyyymmdd of the entry's UTC day>."""
+    day = datetime.fromtimestamp(created_at, UTC).strftime("%Y%m%d")
+    return f"audit_log-{_random(20, _LOWER_ALPHANUM)}_{day}"
+
+
 def completion_id() -> str:
+    """A chat completion (and its chunks)."""
     return f"chatcmpl-{_random(29)}"
+
+
+def text_completion_id() -> str:
+    """A legacy completion (/v1/completions) and its chunks."""
+    return f"cmpl-{_random(29)}"
+
+
+def tool_call_id() -> str:
+    return f"call_{_hex(24)}"
+
+
+def request_id() -> str:
+    """The x-request-id header of every answer."""
+    return f"req_{uuid.uuid4().hex}"
+
+
+def webhook_endpoint_id() -> str:
+    return f"whep_{_hex(24)}"
+
+
+def webhook_delivery_id() -> str:
+    return f"whdel_{_hex(24)}"
+
+
+def webhook_event_id() -> str:
+    """OpenAI's webhook event id."""
+    return f"evt_{uuid.uuid4().hex}"
+
+
+def webhook_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` + base64 of 24 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 def api_key() -> str:

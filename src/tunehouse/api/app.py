@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from tunehouse import __version__
+from tunehouse import __version__, ids
 from tunehouse.api.chat.router import router as chat_router
 from tunehouse.api.completions.router import router as completions_router
 from tunehouse.api.errors import install_error_handlers
@@ -63,7 +62,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
     @app.middleware("http")
     async def request_id(request: Request, call_next):
         response = await call_next(request)
-        response.headers["x-request-id"] = f"req_{uuid.uuid4().hex}"
+        response.headers["x-request-id"] = ids.request_id()
         return response
 
     for router in (

@@ -1,5 +1,6 @@
 """Dependency aliases routers use: the state, a DB session, and the caller (organization, project,
-role). Roles are enforced here, once, for every route: a reader key may only read."""
+role). Roles are enforced here, once, for every route: a reader key may only read (OrgDep), and
+only an organization admin key passes AdminDep (`tenancy.auth.require_admin`, the one admin rule)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from tunehouse.api.state import AppState
-from tunehouse.errors import PermissionDenied
-from tunehouse.tenancy.auth import Principal, authenticate
+from tunehouse.tenancy.auth import Principal, authenticate, require_admin, require_writer
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-INSUFFICIENT = "You have insufficient permissions for this operation."
 
 
 def get_state(request: Request) -> AppState:
@@ -45,19 +44,16 @@ def get_principal(
 
 def get_caller(request: Request, principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     """The caller, allowed to make this request by its role."""
-    # Read-only keys: every route that changes something (POST, DELETE) is a write, including
-    # chat and completions, as with OpenAI's read-only keys (they lack the model.request scope).
-    if principal.role == "reader" and request.method not in READ_METHODS:
-        raise PermissionDenied(INSUFFICIENT + " This API key is read-only.", code="insufficient_permissions")
+    if request.method not in READ_METHODS:
+        require_writer(principal)
     return principal
 
 
 def get_admin(principal: Annotated[Principal, Depends(get_caller)]) -> Principal:
-    """Organization admin keys only (the /v1/organization/... API, checkpoint permissions)."""
-    if not principal.is_admin:
-        raise PermissionDenied(
-            INSUFFICIENT + " This endpoint needs an organization admin key.", code="insufficient_permissions"
-        )
+    """Organization admin keys only (the /v1/organization/... API, webhooks). Checkpoint
+    permissions check the same rule in their service, after the model is found: another
+    organization's model must stay a 404, whoever asks."""
+    require_admin(principal)
     return principal
 
 

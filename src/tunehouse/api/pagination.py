@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from tunehouse.errors import InvalidRequest
@@ -19,7 +19,8 @@ def page(
     limit: int,
     descending: bool = True,
 ) -> tuple[list[Any], bool]:
-    """Rows of `stmt` (already scoped to the caller) after the cursor, and whether more follow."""
+    """Rows of `stmt` (already scoped to the caller: start from `tenancy.scope`) after the cursor,
+    and whether more follow."""
     if after is not None:
         cursor = session.scalar(stmt.with_only_columns(table.seq).where(table.id == after))
         if cursor is None:
@@ -28,7 +29,3 @@ def page(
     stmt = stmt.order_by(table.seq.desc() if descending else table.seq.asc()).limit(limit + 1)
     rows = list(session.scalars(stmt))
     return rows[:limit], len(rows) > limit
-
-
-def scoped(table: Any, organization_id: str) -> Select:
-    return select(table).where(table.organization_id == organization_id)

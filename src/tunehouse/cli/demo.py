@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tunehouse import ids
 from tunehouse.store.catalog import DEFAULT_MODEL
 
 
@@ -104,7 +104,7 @@ def run_demo(*, examples: Path, home: Path, hyperparameters: dict, console: Cons
         if not path.exists():
             console.print(f"[red]Missing {path}[/] (run from the repository root, or pass --examples)")
             return 2
-    key = "sk-demo-" + secrets.token_urlsafe(16)
+    key = ids.api_key()  # the demo server's admin key (TUNEHOUSE_ADMIN_KEY)
     port = _free_port()
     console.rule("tunehouse demo")
     console.print(f"Starting a server on port {port} (home: {home}) …")

@@ -3,27 +3,16 @@ caller's transaction so that an action and its record commit (or roll back) toge
 
 from __future__ import annotations
 
-import secrets
-import string
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tunehouse import ids
 from tunehouse.store.tables import AuditLog, now
 
 if TYPE_CHECKING:
     from tunehouse.tenancy.auth import Principal
-
-_ALPHANUM = string.ascii_lowercase + string.digits
-
-
-def _audit_id(created_at: int) -> str:
-    # OpenAI's shape: audit_log-<random>_<yyyymmdd>.
-    day = datetime.fromtimestamp(created_at, UTC).strftime("%Y%m%d")
-    return f"audit_log-{''.join(secrets.choice(_ALPHANUM) for _ in range(20))}_{day}"
-
 
 def record(
     session: Session,
@@ -44,7 +33,7 @@ def record(
         actor_type, actor_key_id = "api_key", actor.key_id
     created = now()
     row = AuditLog(
-        id=_audit_id(created),
+        id=ids.audit_log_id(created),
         organization_id=organization_id,
         project_id=project_id,
         actor_key_id=actor_key_id,

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunehouse import ids
-from tunehouse.errors import InvalidRequest, NotFound, Unauthorized
+from tunehouse.errors import InvalidRequest, NotFound, PermissionDenied, Unauthorized
 from tunehouse.store.tables import ApiKey, Organization, Project, now
 from tunehouse.tenancy import audit
 from tunehouse.tenancy.projects import default_project, get_or_create_org, project_in_org
@@ -25,6 +25,8 @@ DEFAULT_ORG = "default"
 ROLES = ("owner", "member", "reader")
 # Writing last_used_at on every request would turn every read into a write; once a minute is plenty.
 LAST_USED_RESOLUTION_S = 60
+# OpenAI's 403 message; what the caller lacks follows it.
+INSUFFICIENT = "You have insufficient permissions for this operation."
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,24 @@ class Principal:
     def owning_project_id(self) -> str | None:
         """The project new objects (files, jobs and so their checkpoints) belong to."""
         return self.project_id or self.default_project_id
+
+
+def require_admin(principal: Principal) -> None:
+    """The one rule for what only an organization admin may do (the /v1/organization API,
+    webhooks, checkpoint permissions): an admin key, also while it acts inside one project with
+    the OpenAI-Project header. A project's keys, whatever their role, may not."""
+    if not principal.is_admin:
+        raise PermissionDenied(
+            INSUFFICIENT + " This endpoint needs an organization admin key.", code="insufficient_permissions"
+        )
+
+
+def require_writer(principal: Principal) -> None:
+    """Read-only keys may only read: every request that changes something (POST, DELETE) is a
+    write, including chat and completions, as with OpenAI's read-only keys (they lack the
+    model.request scope)."""
+    if principal.role == "reader":
+        raise PermissionDenied(INSUFFICIENT + " This API key is read-only.", code="insufficient_permissions")
 
 
 def hash_key(key: str) -> str:

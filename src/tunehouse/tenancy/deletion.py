@@ -37,8 +37,8 @@ from tunehouse.tenancy.projects import project_in_org
 from tunehouse.tenancy.scope import result_file_ids
 
 if TYPE_CHECKING:
-    from tunehouse.api.state import AppState
     from tunehouse.config import Settings
+    from tunehouse.store.blobs import Blobs
     from tunehouse.store.engine import Database
     from tunehouse.tenancy.auth import Principal
 
@@ -48,12 +48,13 @@ class Stores:
     """Where a tenant's bytes live: uploaded and result files, adapters, per-job work folders and
     training states (under the settings' home, and in the storage URL's store when there is one)."""
 
-    files: object  # store.blobs store (public delete(key))
-    weights: object
+    files: Blobs
+    weights: Blobs
     settings: Settings
 
     @classmethod
-    def of(cls, state: AppState) -> Stores:
+    def of(cls, state) -> Stores:
+        """The stores of a server or a command: anything with `files`, `weights` and `settings`."""
         return cls(files=state.files, weights=state.weights, settings=state.settings)
 
 

@@ -3,8 +3,6 @@ its admin keys make and which can be neither archived nor deleted (only with the
 
 from __future__ import annotations
 
-import secrets
-import string
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -19,11 +17,6 @@ if TYPE_CHECKING:
     from tunehouse.tenancy.auth import Principal
 
 DEFAULT_PROJECT_NAME = "Default project"
-_ALPHANUM = string.ascii_letters + string.digits
-
-
-def project_id() -> str:
-    return "proj_" + "".join(secrets.choice(_ALPHANUM) for _ in range(24))
 
 
 def find_org(session: Session, name_or_id: str) -> Organization | None:
@@ -48,7 +41,7 @@ def default_project(session: Session, organization_id: str) -> Project:
     )
     if row is None:
         row = Project(
-            id=project_id(), organization_id=organization_id, name=DEFAULT_PROJECT_NAME, is_default=True
+            id=ids.project_id(), organization_id=organization_id, name=DEFAULT_PROJECT_NAME, is_default=True
         )
         # Organizations get theirs when they are created (and from migration 0004 before that):
         # this is only a safety net, so a lost race ends in a unique-name error, not a second one.
@@ -70,7 +63,7 @@ def create_project(session: Session, *, organization_id: str, name: str, actor: 
         select(Project.id).where(Project.organization_id == organization_id, Project.name == name)
     ):
         raise InvalidRequest(f"A project named '{name}' already exists.", param="name", code="project_exists")
-    row = Project(id=project_id(), organization_id=organization_id, name=name, status="active")
+    row = Project(id=ids.project_id(), organization_id=organization_id, name=name, status="active")
     session.add(row)
     session.flush()
     audit.record(

@@ -8,16 +8,14 @@ Payload: OpenAI's webhook event, `{"id": "evt_…", "object": "event", "created_
 
 from __future__ import annotations
 
-import base64
 import json
-import secrets
 import time
-import uuid
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tunehouse import ids
 from tunehouse.errors import InvalidRequest, NotFound
 from tunehouse.store.tables import Job, WebhookDelivery, WebhookEndpoint, now
 
@@ -29,7 +27,7 @@ EVENT_TYPES = (JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
 
 def new_secret() -> str:
     """A Standard Webhooks secret: `whsec_` + base64 of 24 random bytes."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    return ids.webhook_secret()
 
 
 def endpoint_dict(row: WebhookEndpoint, *, with_secret: bool = False) -> dict:
@@ -62,7 +60,7 @@ def add_endpoint(
             code="invalid_value",
         )
     row = WebhookEndpoint(
-        id=f"whep_{uuid.uuid4().hex[:24]}",
+        id=ids.webhook_endpoint_id(),
         organization_id=organization_id,
         url=url,
         secret=new_secret(),
@@ -111,7 +109,7 @@ def enqueue_job_event(
     if not endpoints:
         return 0
     created = now()
-    event_id = f"evt_{uuid.uuid4().hex}"
+    event_id = ids.webhook_event_id()
     payload = json.dumps(
         {
             "id": event_id,
@@ -125,7 +123,7 @@ def enqueue_job_event(
     for e in endpoints:
         session.add(
             WebhookDelivery(
-                id=f"whdel_{uuid.uuid4().hex[:24]}",
+                id=ids.webhook_delivery_id(),
                 organization_id=organization_id,
                 endpoint_id=e.id,
                 event_id=event_id,

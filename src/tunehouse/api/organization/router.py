@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from tunehouse.api.deps import OrgDep, SessionDep, StateDep
+from tunehouse.api.deps import AdminDep, OrgDep, SessionDep, StateDep
 from tunehouse.api.organization import protocol as wire
 from tunehouse.api.organization import service
 from tunehouse.errors import InvalidRequest
@@ -22,7 +22,7 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 @router.get("/projects", response_model=wire.ProjectList)
 def list_projects(
     session: SessionDep,
-    principal: OrgDep,
+    principal: AdminDep,
     after: str | None = None,
     limit: Limit = 20,
     include_archived: bool = False,
@@ -33,7 +33,7 @@ def list_projects(
 
 
 @router.post("/projects", response_model=wire.Project)
-def create_project(req: wire.ProjectCreateRequest, session: SessionDep, principal: OrgDep) -> wire.Project:
+def create_project(req: wire.ProjectCreateRequest, session: SessionDep, principal: AdminDep) -> wire.Project:
     return service.create_project(session, principal=principal, name=req.name)
 
 
@@ -44,18 +44,18 @@ def retrieve_project(project_id: str, session: SessionDep, principal: OrgDep) ->
 
 @router.post("/projects/{project_id}", response_model=wire.Project)
 def modify_project(
-    project_id: str, req: wire.ProjectUpdateRequest, session: SessionDep, principal: OrgDep
+    project_id: str, req: wire.ProjectUpdateRequest, session: SessionDep, principal: AdminDep
 ) -> wire.Project:
     return service.modify_project(session, principal=principal, project_id=project_id, name=req.name)
 
 
 @router.post("/projects/{project_id}/archive", response_model=wire.Project)
-def archive_project(project_id: str, session: SessionDep, principal: OrgDep) -> wire.Project:
+def archive_project(project_id: str, session: SessionDep, principal: AdminDep) -> wire.Project:
     return service.archive_project(session, principal=principal, project_id=project_id)
 
 
 @router.delete("/projects/{project_id}", response_model=wire.ProjectDeleted)
-async def delete_project(project_id: str, state: StateDep, principal: OrgDep) -> wire.ProjectDeleted:
+async def delete_project(project_id: str, state: StateDep, principal: AdminDep) -> wire.ProjectDeleted:
     """tunehouse extension: delete the project and everything it owns (rows and bytes)."""
     return await run_in_threadpool(service.delete_project, state, principal=principal, project_id=project_id)
 
@@ -102,7 +102,7 @@ def rotate_project_key(
 @router.get("/admin_api_keys", response_model=wire.AdminApiKeyList)
 def list_admin_keys(
     session: SessionDep,
-    principal: OrgDep,
+    principal: AdminDep,
     after: str | None = None,
     limit: Limit = 20,
     order: Literal["asc", "desc"] = "asc",
@@ -112,23 +112,23 @@ def list_admin_keys(
 
 @router.post("/admin_api_keys", response_model=wire.AdminApiKey)
 def create_admin_key(
-    req: wire.AdminApiKeyCreateRequest, session: SessionDep, principal: OrgDep
+    req: wire.AdminApiKeyCreateRequest, session: SessionDep, principal: AdminDep
 ) -> wire.AdminApiKey:
     return service.create_admin_key(session, principal=principal, name=req.name)
 
 
 @router.get("/admin_api_keys/{key_id}", response_model=wire.AdminApiKey)
-def retrieve_admin_key(key_id: str, session: SessionDep, principal: OrgDep) -> wire.AdminApiKey:
+def retrieve_admin_key(key_id: str, session: SessionDep, principal: AdminDep) -> wire.AdminApiKey:
     return service.retrieve_admin_key(session, principal=principal, key_id=key_id)
 
 
 @router.delete("/admin_api_keys/{key_id}", response_model=wire.AdminApiKeyDeleted)
-def delete_admin_key(key_id: str, session: SessionDep, principal: OrgDep) -> wire.AdminApiKeyDeleted:
+def delete_admin_key(key_id: str, session: SessionDep, principal: AdminDep) -> wire.AdminApiKeyDeleted:
     return service.delete_admin_key(session, principal=principal, key_id=key_id)
 
 
 @router.post("/admin_api_keys/{key_id}/rotate", response_model=wire.AdminApiKey)
-def rotate_admin_key(key_id: str, session: SessionDep, principal: OrgDep) -> wire.AdminApiKey:
+def rotate_admin_key(key_id: str, session: SessionDep, principal: AdminDep) -> wire.AdminApiKey:
     """tunehouse extension."""
     return service.rotate_admin_key(session, principal=principal, key_id=key_id)
 
@@ -147,7 +147,7 @@ def _int_param(request: Request, name: str) -> int | None:
 def list_audit_logs(
     request: Request,
     session: SessionDep,
-    principal: OrgDep,
+    principal: AdminDep,
     after: str | None = None,
     before: str | None = None,
     limit: Limit = 20,

@@ -1,7 +1,9 @@
 """The administration API: projects, their keys, admin keys, the audit log, checkpoint permissions.
 
 Who may do what:
-- organization admin keys (project_id NULL): everything in their organization;
+- organization admin keys (project_id NULL): everything in their organization (the routes of
+  what only they may do take `AdminDep`; checkpoint permissions check `require_admin` here, after
+  the model is found);
 - a project's owner keys: read their project and manage its keys;
 - anything else: 403 for an endpoint of the organization, 404 for another project's objects
   (a project key does not see other projects), and another organization's objects are never found.
@@ -9,13 +11,11 @@ Who may do what:
 
 from __future__ import annotations
 
-import secrets
-import string
-
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from tunehouse import ids
 from tunehouse.api.organization import protocol as wire
 from tunehouse.api.pagination import page
 from tunehouse.api.state import AppState
@@ -24,15 +24,6 @@ from tunehouse.store.tables import ApiKey, AuditLog, Checkpoint, CheckpointPermi
 from tunehouse.tenancy import audit, auth, deletion, projects
 from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import own_checkpoint
-
-INSUFFICIENT = "You have insufficient permissions for this operation."
-
-
-def _require_admin(principal: Principal) -> None:
-    if not principal.is_admin:
-        raise PermissionDenied(
-            INSUFFICIENT + " This endpoint needs an organization admin key.", code="insufficient_permissions"
-        )
 
 
 def _page_wire(rows, has_more, to_wire) -> dict:
@@ -61,7 +52,8 @@ def _visible_project(session: Session, principal: Principal, project_id: str, *,
     row = projects.project_in_org(session, organization_id=principal.organization_id, project_id=project_id)
     if manage and not principal.is_admin and principal.role != "owner":
         raise PermissionDenied(
-            INSUFFICIENT + " Managing a project's keys needs an owner key of the project or an admin key.",
+            auth.INSUFFICIENT
+            + " Managing a project's keys needs an owner key of the project or an admin key.",
             code="insufficient_permissions",
         )
     return row
@@ -70,7 +62,6 @@ def _visible_project(session: Session, principal: Principal, project_id: str, *,
 def list_projects(
     session: Session, *, principal: Principal, after: str | None, limit: int, include_archived: bool
 ) -> wire.ProjectList:
-    _require_admin(principal)
     stmt = projects.list_projects(
         session, organization_id=principal.organization_id, include_archived=include_archived
     )
@@ -79,7 +70,6 @@ def list_projects(
 
 
 def create_project(session: Session, *, principal: Principal, name: str) -> wire.Project:
-    _require_admin(principal)
     row = projects.create_project(
         session, organization_id=principal.organization_id, name=name, actor=principal
     )
@@ -92,7 +82,6 @@ def retrieve_project(session: Session, *, principal: Principal, project_id: str)
 
 
 def modify_project(session: Session, *, principal: Principal, project_id: str, name: str) -> wire.Project:
-    _require_admin(principal)
     row = _visible_project(session, principal, project_id, manage=True)
     projects.rename_project(session, row, name=name, actor=principal)
     session.commit()
@@ -100,7 +89,6 @@ def modify_project(session: Session, *, principal: Principal, project_id: str, n
 
 
 def archive_project(session: Session, *, principal: Principal, project_id: str) -> wire.Project:
-    _require_admin(principal)
     row = _visible_project(session, principal, project_id, manage=True)
     projects.archive_project(session, row, actor=principal)
     session.commit()
@@ -112,7 +100,6 @@ def stores(state: AppState) -> deletion.Stores:
 
 
 def delete_project(state: AppState, *, principal: Principal, project_id: str) -> wire.ProjectDeleted:
-    _require_admin(principal)
     out = deletion.delete_project(
         state.db,
         stores(state),
@@ -205,7 +192,6 @@ def _project_key(session: Session, principal: Principal, project_id: str, key_id
 
 
 def _admin_key(session: Session, principal: Principal, key_id: str) -> ApiKey:
-    _require_admin(principal)
     return auth.get_key(session, organization_id=principal.organization_id, key_id=key_id, project_id=None)
 
 
@@ -244,7 +230,6 @@ def rotate_project_key(
 def list_admin_keys(
     session: Session, *, principal: Principal, after: str | None, limit: int, order: str
 ) -> wire.AdminApiKeyList:
-    _require_admin(principal)
     rows, has_more = page(
         session, _live_keys(principal, None), ApiKey, after=after, limit=limit, descending=order == "desc"
     )
@@ -252,7 +237,6 @@ def list_admin_keys(
 
 
 def create_admin_key(session: Session, *, principal: Principal, name: str) -> wire.AdminApiKey:
-    _require_admin(principal)
     row, plain = auth.create_key(
         session, organization_id=principal.organization_id, name=name, actor=principal
     )
@@ -300,7 +284,6 @@ def audit_to_wire(row: AuditLog, project_names: dict[str, str]) -> dict:
 def list_audit_logs(
     session: Session, *, principal: Principal, after: str | None, before: str | None, limit: int, **filters
 ) -> wire.AuditLogList:
-    _require_admin(principal)
     stmt = audit.entries(session, organization_id=principal.organization_id, **filters)
     if before is not None:
         cursor = session.scalar(stmt.with_only_columns(AuditLog.seq).where(AuditLog.id == before))
@@ -327,12 +310,6 @@ def list_audit_logs(
 
 # --- checkpoint permissions --------------------------------------------------------------------
 
-_ALPHANUM = string.ascii_letters + string.digits
-
-
-def _permission_id() -> str:
-    return "cp_" + "".join(secrets.choice(_ALPHANUM) for _ in range(24))
-
 
 def _checkpoint(session: Session, principal: Principal, name: str) -> Checkpoint:
     row = own_checkpoint(session, principal, name)
@@ -344,7 +321,7 @@ def _checkpoint(session: Session, principal: Principal, name: str) -> Checkpoint
             param="fine_tuned_model_checkpoint",
             code="model_not_found",
         )
-    _require_admin(principal)
+    auth.require_admin(principal)
     return row
 
 
@@ -374,7 +351,7 @@ def create_permissions(
             out.append(existing)
             continue
         row = CheckpointPermission(
-            id=_permission_id(),
+            id=ids.permission_id(),
             organization_id=ckpt.organization_id,
             checkpoint_id=ckpt.id,
             project_id=project_id,

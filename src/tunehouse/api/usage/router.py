@@ -1,5 +1,6 @@
 """/v1/organization/usage/*, /v1/organization/costs (OpenAI's usage API), and tunehouse extensions:
-/v1/organization/usage/fine_tuning, /v1/organization/quotas, /v1/organization/webhooks."""
+/v1/organization/usage/fine_tuning, /v1/organization/quotas, /v1/organization/webhooks (admin keys only:
+webhook endpoints are the organization's)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
-from tunehouse.api.deps import OrgDep, SessionDep, StateDep
+from tunehouse.api.deps import AdminDep, OrgDep, SessionDep, StateDep
 from tunehouse.api.usage import service
 
 router = APIRouter(prefix="/v1/organization", tags=["usage"])
@@ -72,24 +73,24 @@ class CreateWebhookRequest(BaseModel):
 
 
 @router.post("/webhooks")
-def create_webhook(req: CreateWebhookRequest, session: SessionDep, principal: OrgDep) -> dict:
+def create_webhook(req: CreateWebhookRequest, session: SessionDep, principal: AdminDep) -> dict:
     """tunehouse extension: a webhook endpoint; its `secret` is in this answer only."""
     return service.create_webhook(session, principal=principal, url=req.url, events=req.events)
 
 
 @router.get("/webhooks")
-def list_webhooks(session: SessionDep, principal: OrgDep) -> dict:
+def list_webhooks(session: SessionDep, principal: AdminDep) -> dict:
     return service.list_webhooks(session, principal=principal)
 
 
 @router.delete("/webhooks/{webhook_id}")
-def delete_webhook(webhook_id: str, session: SessionDep, principal: OrgDep) -> dict:
+def delete_webhook(webhook_id: str, session: SessionDep, principal: AdminDep) -> dict:
     return service.delete_webhook(session, principal=principal, webhook_id=webhook_id)
 
 
 @router.get("/webhook_deliveries")
 def list_deliveries(
-    session: SessionDep, principal: OrgDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    session: SessionDep, principal: AdminDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict:
     """tunehouse extension: recent deliveries and their outcome, newest first."""
     return service.list_deliveries(session, principal=principal, limit=limit)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from tunehouse.config import Settings
-from tunehouse.errors import InvalidRequest, PermissionDenied
+from tunehouse.errors import InvalidRequest
 from tunehouse.usage import quotas as q
 from tunehouse.usage.records import DAY_SECONDS, INFERENCE, TRAINING, Row, aggregate, day_start, utc_day
 from tunehouse.webhooks import outbox
@@ -31,14 +31,6 @@ def _project_scope(principal, project_ids: list[str] | None) -> list[str] | None
     if own is None:
         return project_ids
     return [own] if project_ids is None or own in project_ids else []
-
-
-def require_admin(principal) -> None:
-    if getattr(principal, "project_id", None) is not None or getattr(principal, "role", "owner") != "owner":
-        raise PermissionDenied(
-            "This endpoint needs an organization admin key (an owner key not bound to a project).",
-            code="insufficient_permissions",
-        )
 
 
 @dataclass(frozen=True)
@@ -251,26 +243,22 @@ def quotas(settings: Settings, session: Session, *, principal) -> dict:
 
 
 def create_webhook(session: Session, *, principal, url: str, events: list[str] | None) -> dict:
-    require_admin(principal)
     row = outbox.add_endpoint(session, organization_id=principal.organization_id, url=url, events=events)
     session.commit()
     return outbox.endpoint_dict(row, with_secret=True)
 
 
 def list_webhooks(session: Session, *, principal) -> dict:
-    require_admin(principal)
     rows = outbox.list_endpoints(session, organization_id=principal.organization_id)
     return {"object": "list", "data": [outbox.endpoint_dict(r) for r in rows], "has_more": False}
 
 
 def delete_webhook(session: Session, *, principal, webhook_id: str) -> dict:
-    require_admin(principal)
     outbox.remove_endpoint(session, organization_id=principal.organization_id, endpoint_id=webhook_id)
     session.commit()
     return {"id": webhook_id, "object": "webhook_endpoint.deleted", "deleted": True}
 
 
 def list_deliveries(session: Session, *, principal, limit: int) -> dict:
-    require_admin(principal)
     rows = outbox.list_deliveries(session, organization_id=principal.organization_id, limit=limit)
     return {"object": "list", "data": [outbox.delivery_dict(d) for d in rows], "has_more": False}
