@@ -1,26 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tunehouse.api.chat import service
 from tunehouse.api.chat.protocol import ChatCompletion, ChatCompletionRequest
 from tunehouse.api.deps import OrgDep, SessionDep, StateDep
 from tunehouse.api.models.service import resolve_for_inference
+from tunehouse.api.serving import event_stream
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
-
-
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    """Server-sent events; proxies are told not to buffer them."""
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
 
 
 @router.post("/completions", response_model=ChatCompletion, response_model_exclude_none=False)

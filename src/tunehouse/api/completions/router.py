@@ -3,11 +3,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from tunehouse.api.chat.router import event_stream
 from tunehouse.api.completions import service
 from tunehouse.api.completions.protocol import Completion, CompletionRequest
 from tunehouse.api.deps import OrgDep, SessionDep, StateDep
 from tunehouse.api.models.service import resolve_for_inference
+from tunehouse.api.serving import event_stream
 
 router = APIRouter(prefix="/v1", tags=["completions"])
 

@@ -2,39 +2,29 @@
 
 No chat template: the prompt is tokenized as given (or taken as token ids). Several prompts run as
 separate engine requests at once (they share the engine's batch); choice `i * n + j` is the j-th
-completion of prompt i, as OpenAI numbers them.
+completion of prompt i, as OpenAI numbers them. Running them (streaming, metering, a client that
+leaves) is `api/serving.py`'s, as for chat; chunks are the `Completion` wire model.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import secrets
 import time
 from collections.abc import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from tunehouse.api.chat.service import (
-    REQUEST_ERRORS,
-    Running,
-    common_sampling,
-    engine_error,
-    logit_bias,
-    meter,
-    meter_later,
-    stream_error,
-    submit,
-    usage_of,
-)
+from tunehouse import ids
+from tunehouse.api import serving
+from tunehouse.api.chat.protocol import CompletionUsage
 from tunehouse.api.completions.protocol import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
 )
+from tunehouse.api.serving import REQUEST_ERRORS, engine_error
 from tunehouse.errors import InvalidRequest
-from tunehouse.inference.engine import Delta, ModelRef, PartialChoice, SamplingParams, TokenLogprob, Usage
+from tunehouse.inference.engine import Delta, ModelRef, PartialChoice, SamplingParams, TokenLogprob
 
 
 def check_supported(req: CompletionRequest) -> None:
@@ -61,7 +51,7 @@ def check_supported(req: CompletionRequest) -> None:
     prompts = _raw_prompts(req)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidRequest("Invalid 'prompt': it must not be empty.", param="prompt", code="invalid_value")
-    logit_bias(req.logit_bias)
+    serving.logit_bias(req.logit_bias)
 
 
 def _raw_prompts(req: CompletionRequest) -> list[str | list[int]]:
@@ -75,7 +65,7 @@ def _raw_prompts(req: CompletionRequest) -> list[str | list[int]]:
 
 def sampling_params(req: CompletionRequest) -> SamplingParams:
     return SamplingParams(
-        **common_sampling(req),
+        **serving.common_sampling(req),
         max_tokens=16 if req.max_tokens is None else req.max_tokens,
         logprobs=req.logprobs is not None,
         top_logprobs=req.logprobs or 0,
@@ -120,68 +110,36 @@ def legacy_logprobs(entries: list[TokenLogprob], start: int) -> CompletionLogpro
     )
 
 
-async def _start(engine, model: ModelRef, req: CompletionRequest):
+async def _start(
+    state, principal, engine, model: ModelRef, req: CompletionRequest
+) -> tuple[SamplingParams, list[tuple[list[int], str]], serving.Generation]:
     params = sampling_params(req)
     try:
         prompts = await run_in_threadpool(_encode, engine, model, _raw_prompts(req))
     except REQUEST_ERRORS as e:
         raise engine_error(e, model, prompt_param="prompt") from None
-    queue: asyncio.Queue = asyncio.Queue()
-    runs: list[Running] = []
-    try:
-        for k, (ids, _) in enumerate(prompts):
-            runs.append(await submit(engine, model, ids, params, prompt_param="prompt", queue=queue, tag=k))
-    except BaseException:
-        for r in runs:
-            r.handle.cancel()
-        raise
-    return params, prompts, queue, runs
-
-
-async def _events(queue: asyncio.Queue, runs: list[Running]) -> AsyncIterator[tuple[int, Delta | Usage]]:
-    """The events of all prompts' requests as they come; cancels them all if left early."""
-    remaining = len(runs)
-    try:
-        while remaining:
-            k, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, Usage):
-                remaining -= 1
-            yield k, item
-    finally:
-        for r in runs:
-            r.handle.cancel()
-
-
-def _cmpl_id() -> str:
-    return f"cmpl-{secrets.token_urlsafe(21).replace('-', 'x').replace('_', 'y')[:29]}"
+    gen = await serving.Generation.start(
+        state,
+        principal,
+        engine,
+        model,
+        [token_ids for token_ids, _ in prompts],
+        params,
+        meter_as=req.model,
+        prompt_param="prompt",
+    )
+    return params, prompts, gen
 
 
 async def complete(state, principal, engine, model: ModelRef, req: CompletionRequest) -> Completion:
-    params, prompts, queue, runs = await _start(engine, model, req)
+    params, prompts, gen = await _start(state, principal, engine, model, req)
     n = params.n
     choices = [
         _Choice(k * n + j, prompts[k][1] if req.echo else "") for k in range(len(prompts)) for j in range(n)
     ]
-    prompt_tokens = completion_tokens = 0
-    done = False
-    try:
-        async for k, item in _events(queue, runs):
-            if isinstance(item, Usage):
-                prompt_tokens += item.prompt_tokens
-                completion_tokens += item.completion_tokens
-            else:
-                choices[k * n + item.index].add(item)
-        done = True
-    except REQUEST_ERRORS as e:
-        raise engine_error(e, model, prompt_param="prompt") from None
-    finally:
-        if not done:
-            meter_later(state, principal, req.model, *runs)
-    await run_in_threadpool(meter, state, principal, req.model, prompt_tokens, completion_tokens)
+    usage = await serving.collect(gen, lambda k, item: choices[k * n + item.index].add(item))
     return Completion(
-        id=_cmpl_id(),
+        id=ids.text_completion_id(),
         created=int(time.time()),
         model=model.name,
         choices=[
@@ -193,62 +151,70 @@ async def complete(state, principal, engine, model: ModelRef, req: CompletionReq
             )
             for c in choices
         ],
-        usage=usage_of(prompt_tokens, completion_tokens),
+        usage=serving.usage_of(usage),
     )
 
 
 async def open_stream(
     state, principal, engine, model: ModelRef, req: CompletionRequest
 ) -> AsyncIterator[str]:
-    params, prompts, queue, runs = await _start(engine, model, req)
+    """Validates and queues before the first byte (so errors get a proper status), then yields SSE lines."""
+    params, prompts, gen = await _start(state, principal, engine, model, req)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return _sse(state, principal, req, model.name, params, prompts, queue, runs, include_usage)
+    return _sse(gen, req, model.name, params, prompts, include_usage=include_usage)
 
 
-async def _sse(
-    state, principal, req, model_name, params, prompts, queue, runs, include_usage
+def _sse(
+    gen: serving.Generation,
+    req: CompletionRequest,
+    model_name: str,
+    params: SamplingParams,
+    prompts: list[tuple[list[int], str]],
+    *,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
-    base = {"id": _cmpl_id(), "object": "text_completion", "created": int(time.time()), "model": model_name}
-    n = params.n
+    """Each chunk is a `text_completion` with the choices that changed, as OpenAI streams them."""
+    chunk_id, created, n = ids.text_completion_id(), int(time.time()), params.n
+    # Where each choice's text stands, for the logprobs' text offsets (after the echoed prompt).
     offsets = {
         k * n + j: len(prompts[k][1]) if req.echo else 0 for k in range(len(prompts)) for j in range(n)
     }
 
-    def chunk(choices: list[dict], **extra) -> str:
-        body = {**base, "choices": choices, "system_fingerprint": None, **extra}
-        if include_usage and "usage" not in extra:
-            body["usage"] = None
-        return f"data: {json.dumps(body)}\n\n"
+    def chunk(choices: list[CompletionChoice], usage: CompletionUsage | None = None) -> str:
+        body = Completion(id=chunk_id, created=created, model=model_name, choices=choices, usage=usage)
+        return serving.sse(body, exclude=None if include_usage else {"usage"})
 
-    prompt_tokens = completion_tokens = 0
-    done = False
-    try:
-        if req.echo:
-            for index in offsets:
-                text = prompts[index // n][1]
-                yield chunk([{"text": text, "index": index, "logprobs": None, "finish_reason": None}])
-        async for k, item in _events(queue, runs):
-            if isinstance(item, Usage):
-                prompt_tokens += item.prompt_tokens
-                completion_tokens += item.completion_tokens
-                continue
-            index = k * n + item.index
-            lp = None
-            if params.logprobs and item.logprobs:
-                lp = legacy_logprobs(item.logprobs, offsets[index]).model_dump()
-            offsets[index] += len(item.text)
-            if item.text or lp or item.finish_reason:
-                yield chunk(
-                    [{"text": item.text, "index": index, "logprobs": lp, "finish_reason": item.finish_reason}]
-                )
-        done = True
-        await run_in_threadpool(meter, state, principal, req.model, prompt_tokens, completion_tokens)
-        if include_usage:
-            yield chunk([], usage=usage_of(prompt_tokens, completion_tokens).model_dump())
-    except Exception as e:
-        yield stream_error(e)
-        return
-    finally:
-        if not done:
-            meter_later(state, principal, req.model, *runs)
-    yield "data: [DONE]\n\n"
+    def pieces(k: int, item: Delta) -> list[str]:
+        index = k * n + item.index
+        lp = None
+        if params.logprobs and item.logprobs:
+            lp = legacy_logprobs(item.logprobs, offsets[index])
+        offsets[index] += len(item.text)
+        if not (item.text or lp or item.finish_reason):
+            return []
+        return [
+            chunk(
+                [CompletionChoice(text=item.text, index=index, logprobs=lp, finish_reason=item.finish_reason)]
+            )
+        ]
+
+    opening = (
+        [
+            chunk(
+                [
+                    CompletionChoice(
+                        text=prompts[index // n][1], index=index, logprobs=None, finish_reason=None
+                    )
+                ]
+            )
+            for index in offsets
+        ]
+        if req.echo
+        else []
+    )
+    return serving.stream(
+        gen,
+        opening=opening,
+        chunks=pieces,
+        usage_chunk=(lambda u: chunk([], usage=serving.usage_of(u))) if include_usage else None,
+    )
