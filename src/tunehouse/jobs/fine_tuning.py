@@ -30,14 +30,13 @@ from sqlalchemy.exc import OperationalError
 from transformers import AutoTokenizer
 
 from tunehouse import ids
-from tunehouse.api.files.service import create_file_from_bytes
-from tunehouse.api.state import AppState
 from tunehouse.data.analysis import check_files, context_length_for
 from tunehouse.jobs import queue
 from tunehouse.jobs import status as st
 from tunehouse.jobs.context import DP_LOCAL_RANK, DP_MASTER, JobContext, JobGone
 from tunehouse.jobs.events import add_event, metrics_message
 from tunehouse.jobs.state_store import StoredState, discard_training_state, stored_state
+from tunehouse.store import files
 from tunehouse.store.blobs import is_disk_full
 from tunehouse.store.catalog import resolve_base_model
 from tunehouse.store.tables import Checkpoint, Job, JobEvent, Organization, now
@@ -312,13 +311,12 @@ def finish(ctx: JobContext, job: Job, *, model_name: str, trained_tokens: int, r
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()})
-    state = AppState(settings=ctx.settings, db=ctx.db, files=ctx.files, weights=ctx.weights)
     result = None
     try:
         with ctx.db.transaction() as s:
-            result = create_file_from_bytes(
-                state,
+            result = files.create_file(
                 s,
+                ctx.files,
                 organization_id=job.organization_id,
                 filename=f"step_metrics_{job.id}.csv",
                 purpose="fine-tune-results",
@@ -346,7 +344,7 @@ def finish(ctx: JobContext, job: Job, *, model_name: str, trained_tokens: int, r
             enqueue_job_event(s, job_id=job.id, event_type=JOB_SUCCEEDED, organization_id=job.organization_id)
     except JobGone:
         if result is not None:
-            ctx.files.delete(result.path)  # and its bytes, so nothing is left half-written
+            files.delete_bytes(ctx.files, result.path)  # so nothing is left half-written
         raise
 
 

@@ -116,29 +116,6 @@ async def upload_file(
         blob.abort()
 
 
-def create_file_from_bytes(
-    state,
-    session: Session,
-    *,
-    organization_id: str,
-    filename: str,
-    purpose: str,
-    data: bytes,
-    project_id: str | None = None,
-) -> File:
-    """Deprecated: `tunehouse.store.files.create_file(session, blobs, ...)` (no server state needed).
-    Kept until jobs/fine_tuning.py calls the store directly; `state` is anything with `.files`."""
-    return files.create_file(
-        session,
-        state.files,
-        organization_id=organization_id,
-        filename=filename,
-        purpose=purpose,
-        data=data,
-        project_id=project_id,
-    )
-
-
 def get_file_row(session: Session, *, principal: Principal, file_id: str) -> File:
     row = session.scalar(scoped_files(session, principal).where(File.id == file_id))
     if row is None:
