@@ -21,6 +21,7 @@ from tunehouse.api.organization.router import router as organization_router
 from tunehouse.api.state import AppState
 from tunehouse.api.usage.router import router as usage_router
 from tunehouse.config import Settings
+from tunehouse.jobs.worker import Worker
 from tunehouse.webhooks.delivery import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
     async def lifespan(app: FastAPI):
         worker = None
         if run_worker:
-            from tunehouse.jobs.worker import Worker
-
             worker = Worker(settings, db=state.db)
             worker.start()
         # Webhook deliveries wait in a table (webhooks/outbox.py); this sends them, with retries.

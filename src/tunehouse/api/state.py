@@ -7,7 +7,7 @@ from typing import Any
 
 from tunehouse.config import Settings
 from tunehouse.store.blobs import Blobs, open_blobs
-from tunehouse.store.engine import Database
+from tunehouse.store.engine import Database, migrate
 
 
 @dataclass
@@ -20,8 +20,6 @@ class AppState:
 
     @classmethod
     def open(cls, settings: Settings) -> AppState:
-        from tunehouse.store.engine import migrate
-
         settings.ensure_dirs()
         migrate(settings.db_url)
         return cls(
@@ -34,6 +32,8 @@ class AppState:
     @property
     def inference(self):
         if self._engine is None:
+            # Imported here, on the first chat request: torch and transformers are not loaded
+            # before this server serves a model (an allowed deferred import, see pyproject.toml).
             from tunehouse.inference.hf import HFEngine
 
             self._engine = HFEngine(
