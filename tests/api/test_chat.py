@@ -1,5 +1,6 @@
 """/v1/chat/completions through the official SDK, on the tiny base model."""
 
+import threading
 import time
 
 import openai
@@ -200,17 +201,58 @@ def test_logprobs_penalties_and_logit_bias(client, tiny_model_dir):
     assert penalized.choices[0].message.content.count(token42) < 6
 
 
-def test_disconnect_frees_the_slot(client, shared_server):
+def test_disconnect_frees_the_slot(client, shared_server, tiny_model_dir, monkeypatch):
+    """A client that closes its stream frees its request's engine slot. Only the client's leaving
+    may end the request: the client stays connected until it leaves the `with` block, the engine
+    is held at the request's first event until then (so checking that it runs cannot race its end,
+    however fast the engine or slow this test), and the tokens that end a text are banned (so the
+    request cannot end on its own before `max_tokens`)."""
+    from transformers import AutoTokenizer
+
     engine = shared_server.app.state.tunehouse.inference
-    body = {"model": TINY_MODEL, "messages": MESSAGES, "max_tokens": 1500, "stream": True, "temperature": 1}
-    with shared_server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200
-        next(r.iter_lines())
-        assert engine.active_sequences() == 1
+    at_first_event, release = threading.Event(), threading.Event()
+    handles = []
+    submit = engine.submit
+
+    def held_at_first_event(model, prompt, params, on_event):
+        def on_event_after_release(item):  # called on the engine's scheduler thread
+            at_first_event.set()
+            release.wait(timeout=120)
+            on_event(item)
+
+        handle = submit(model, prompt, params, on_event_after_release)
+        handles.append(handle)
+        return handle
+
+    monkeypatch.setattr(engine, "submit", held_at_first_event)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ends = {tok.eos_token_id, *tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])}
+    body = {
+        "model": TINY_MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 1500,
+        "stream": True,
+        "temperature": 1,
+        "logit_bias": {str(t): -100 for t in ends},
+    }
+    try:
+        with shared_server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            # Hold on to the line iterator: the client closes the response (so disconnects) as soon
+            # as an iterator over it is closed, and `next(r.iter_lines())` drops it at once.
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert at_first_event.wait(timeout=120), "the engine never produced the request's first token"
+            assert engine.active_sequences() == 1
+    finally:
+        release.set()  # the client has gone: let the engine go on
     deadline = time.monotonic() + 60
     while engine.active_sequences() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.active_sequences() == 0
+    # Freed because the client left, not because the request ran to its end.
+    (handle,) = handles
+    assert handle.completion_tokens < body["max_tokens"]
     # The API answered meanwhile and still does.
     assert client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=2).choices
 
