@@ -14,6 +14,7 @@ from tunehouse.store.tables import AuditLog, now
 if TYPE_CHECKING:
     from tunehouse.tenancy.auth import Principal
 
+
 def record(
     session: Session,
     *,
