@@ -37,18 +37,42 @@ def test_auto_epochs_follows_the_openai_cookbook(n: int, epochs: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "batch"), [(1, 1), (12, 1), (19, 1), (20, 2), (90, 8), (100, 8), (160, 16), (320, 32), (10**6, 32)]
+    ("n", "batch"),
+    [
+        (1, 1),
+        (12, 1),
+        (39, 1),
+        (40, 2),  # at least ~20 steps per epoch
+        (79, 2),
+        (80, 4),
+        (90, 4),  # the shipped example set
+        (120, 4),  # bench/auto_vs_plain.py's task: 30 steps per epoch, as the plain loop
+        (159, 4),
+        (160, 8),
+        (320, 16),
+        (640, 32),
+        (10**6, 32),
+    ],
 )
 def test_auto_batch_size(n: int, batch: int) -> None:
     assert auto_batch_size(n) == batch
 
 
-def test_auto_learning_rate_multiplier_scales_with_sqrt_batch() -> None:
+def test_auto_learning_rate_multiplier_scales_with_sqrt_batch_never_below_one() -> None:
     assert auto_learning_rate_multiplier(8) == 1.0
-    assert auto_learning_rate_multiplier(1) == 0.5  # clipped
-    assert auto_learning_rate_multiplier(2) == 0.5
+    assert auto_learning_rate_multiplier(1) == 1.0  # small batches keep the base rate
+    assert auto_learning_rate_multiplier(2) == 1.0
+    assert auto_learning_rate_multiplier(4) == 1.0
     assert auto_learning_rate_multiplier(16) == pytest.approx(math.sqrt(2), abs=1e-4)
+    assert auto_learning_rate_multiplier(32) == 2.0
     assert auto_learning_rate_multiplier(512) == 2.0  # clipped
+
+
+def test_auto_for_a_small_set_is_the_plain_lora_recipe() -> None:
+    # ~120 examples: 3 epochs of batch 4 at 2e-4, what bench/auto_vs_plain.py compares against.
+    hp = resolve_hyperparameters({}, 120)
+    assert hp == Hyperparameters(n_epochs=3, batch_size=4, learning_rate_multiplier=1.0)
+    assert hp.learning_rate == pytest.approx(2e-4)
 
 
 def test_auto_everything() -> None:
