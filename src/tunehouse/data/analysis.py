@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunehouse.data.chat import TemplateError, content_text, tokenize_chat
+from tunehouse.data.epochs import auto_n_epochs  # OpenAI's `auto` epochs rule (REFERENCE §6.5)
 from tunehouse.data.validation import METHODS, Problem, ValidationReport, iter_examples, validate_file
-from tunehouse.training.hparams import auto_n_epochs  # OpenAI's `auto` epochs rule (REFERENCE §6.5)
 
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_PRICE_PER_MILLION = 25.0  # USD per million billable tokens (gpt-4o fine-tuning list price)

@@ -12,6 +12,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# OpenAI's `auto` epochs rule depends on the data set's size alone: the data check owns it.
+from tunehouse.data.epochs import auto_n_epochs
+
 # The learning rate that `learning_rate_multiplier` multiplies. 2e-4 is the standard LoRA rate
 # (QLoRA, PEFT and TRL examples) for rank 16 / alpha 32 adapters at an effective batch of ~8-16;
 # full fine-tuning uses ~10x less, but LoRA's low-rank update needs a larger step to move.
@@ -22,14 +25,6 @@ BASE_LEARNING_RATE = 2e-4
 BASE_LEARNING_RATE_FULL = 2e-5
 # The batch size at which BASE_LEARNING_RATE is the right rate (see `auto_learning_rate_multiplier`).
 REFERENCE_BATCH_SIZE = 8
-
-# OpenAI cookbook ("Data preparation and analysis for chat model fine-tuning"): aim for ~3 passes
-# over the data, but see at least 100 and at most 25,000 examples in total, within 1..25 epochs.
-TARGET_EPOCHS = 3
-MIN_TARGET_EXAMPLES = 100
-MAX_TARGET_EXAMPLES = 25_000
-MIN_DEFAULT_EPOCHS = 1
-MAX_DEFAULT_EPOCHS = 25
 
 # Auto batch size: about twenty steps per epoch at least, a power of two, between 1 and 32.
 STEPS_PER_EPOCH_TARGET = 20
@@ -69,15 +64,6 @@ class Hyperparameters:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def auto_n_epochs(n_examples: int) -> int:
-    """The OpenAI cookbook rule: 3 epochs, more for tiny sets (up to 25), fewer for huge ones."""
-    if n_examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
-        return min(MAX_DEFAULT_EPOCHS, MIN_TARGET_EXAMPLES // n_examples)
-    if n_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
-        return max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
-    return TARGET_EPOCHS
 
 
 def auto_batch_size(n_examples: int) -> int:
