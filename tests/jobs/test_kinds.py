@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 from sqlalchemy import select, update
 
@@ -31,6 +32,10 @@ def test_a_job_of_a_kind_this_server_does_not_run_fails_clearly(api, tmp_path) -
             assert s.scalar(select(Job.kind).where(Job.id == job.id)) == "fine_tuning"
         with db.transaction() as s:
             s.execute(update(Job).where(Job.id == job.id).values(kind="eval_run"))
+        # The fine-tuning endpoints show fine-tuning jobs only.
+        with pytest.raises(openai.NotFoundError):
+            client.fine_tuning.jobs.retrieve(job.id)
+        assert job.id not in [j.id for j in client.fine_tuning.jobs.list(limit=100).data]
         assert queue.claim(db, worker_id="w", phase="validate", lease_seconds=300) == job.id
         out = _run_phase(api.settings, "validate", job.id, "w")
         assert out.returncode == 0, out.stderr[-2000:]

@@ -27,6 +27,7 @@ from tunehouse.api.pagination import page
 from tunehouse.config import Settings
 from tunehouse.errors import InvalidRequest, ModelNotFound, NotFound
 from tunehouse.jobs.events import add_event
+from tunehouse.jobs.fine_tuning import FineTuning
 from tunehouse.store import files
 from tunehouse.store import job_status as st
 from tunehouse.store.blobs import Blobs
@@ -232,8 +233,14 @@ def create_job(
     return to_wire(job)
 
 
+def fine_tuning_jobs(principal: Principal):
+    """The caller's fine-tuning jobs: the jobs table also holds other kinds of job (jobs/kinds.py),
+    which these endpoints never show."""
+    return scoped(Job, principal).where(Job.kind == FineTuning.name)
+
+
 def get_job_row(session: Session, *, principal: Principal, job_id: str) -> Job:
-    job = session.scalar(scoped(Job, principal).where(Job.id == job_id))
+    job = session.scalar(fine_tuning_jobs(principal).where(Job.id == job_id))
     if job is None:
         raise NotFound(
             f"Could not find fine-tuning job: {job_id}",
@@ -246,7 +253,7 @@ def get_job_row(session: Session, *, principal: Principal, job_id: str) -> Job:
 def list_jobs(
     session: Session, *, principal: Principal, after: str | None, limit: int, metadata: dict[str, str] | None
 ) -> FineTuningJobList:
-    stmt = scoped(Job, principal)
+    stmt = fine_tuning_jobs(principal)
     if not metadata:
         rows, has_more = page(session, stmt, Job, after=after, limit=limit)
     else:
