@@ -44,6 +44,13 @@ class DpoMethod(BaseModel):
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
+# Each method's hyperparameters object, by `method.type`.
+METHOD_HYPERPARAMETERS: dict[str, type[Hyperparameters]] = {
+    "supervised": Hyperparameters,
+    "dpo": DpoHyperparameters,
+}
+
+
 class Method(BaseModel):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None

@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 from tunehouse import ids
 from tunehouse.api.files.service import get_file_row
 from tunehouse.api.fine_tuning.protocol import (
+    METHOD_HYPERPARAMETERS,
     CreateFineTuningJobRequest,
-    DpoHyperparameters,
     FineTuningJob,
     FineTuningJobCheckpoint,
     FineTuningJobCheckpointList,
@@ -36,6 +36,7 @@ from tunehouse.store.tables import Checkpoint, Job, JobEvent, now
 from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import own_checkpoint, scoped
 from tunehouse.training.hparams import LORA_TARGET_MODULES
+from tunehouse.training.recipes import METHODS
 from tunehouse.usage.quotas import admit_job
 from tunehouse.webhooks.outbox import JOB_CANCELLED, enqueue_job_event
 
@@ -96,18 +97,20 @@ def _resolve_hyperparameters(req: CreateFineTuningJobRequest) -> tuple[str, Hype
             param="hyperparameters",
         )
     method_type = method.type if method else "supervised"
-    if method_type == "reinforcement":
+    if method_type not in METHODS:  # the training methods this server has (training/recipes)
         raise InvalidRequest(
-            "The 'reinforcement' method is not available on this server; use 'supervised' or 'dpo'.",
+            f"The '{method_type}' method is not available on this server; use "
+            f"{' or '.join(repr(m) for m in METHODS)}.",
             param="method.type",
             code="unsupported_method",
         )
-    if method_type == "dpo":
-        hyper = (method.dpo.hyperparameters if method.dpo else None) or DpoHyperparameters()
-    else:
-        hyper = (method.supervised.hyperparameters if method and method.supervised else None) or (
-            req.hyperparameters or Hyperparameters()
-        )
+    # The method's own object (`method.<type>`), else the deprecated top-level field, else all auto.
+    given = getattr(method, method_type, None) if method is not None else None
+    hyper = (given.hyperparameters if given is not None else None) or (
+        req.hyperparameters if method is None else None
+    )
+    if hyper is None:
+        hyper = METHOD_HYPERPARAMETERS[method_type]()  # every value "auto"
     where = f"method.{method_type}.hyperparameters" if method is not None else "hyperparameters"
     return method_type, hyper, where
 
