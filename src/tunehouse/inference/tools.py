@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunehouse import ids
 from tunehouse.inference.constrained import InvalidResponseFormat, compile_lark, json_options
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -229,7 +229,7 @@ class ToolCallParser:
                 m = _HEADER.match(body)
                 if m and m.group(1) in self.names:
                     self.index += 1
-                    call_id = f"call_{uuid.uuid4().hex[:24]}"
+                    call_id = ids.tool_call_id()
                     self.calls.append({"id": call_id, "name": m.group(1), "arguments": ""})
                     deltas.append(ToolCallDelta(index=self.index, id=call_id, name=m.group(1)))
                     self.header_sent = True
@@ -263,7 +263,7 @@ class ToolCallParser:
                     content += OPEN + body + CLOSE  # not a tool call after all
                     continue
                 self.index += 1
-                call_id = f"call_{uuid.uuid4().hex[:24]}"
+                call_id = ids.tool_call_id()
                 self.calls.append({"id": call_id, "name": call[0], "arguments": ""})
                 deltas.append(ToolCallDelta(index=self.index, id=call_id, name=call[0]))
             args = self._final_arguments(body, call)
