@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
-from transformers import AutoTokenizer
 
 from tunehouse import ids
 from tunehouse.data.analysis import check_files, context_length_for
@@ -79,6 +78,10 @@ def job_files(ctx: JobContext, job: Job) -> tuple[Path, Path | None] | None:
 
 
 def validate(ctx: JobContext) -> None:
+    # transformers takes seconds to import: only the phase's own process pays it, not every
+    # server and worker that imports this module to look the kind up.
+    from transformers import AutoTokenizer
+
     job = ctx.load()
     paths = job_files(ctx, job)
     if paths is None:
