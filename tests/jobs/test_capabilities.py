@@ -57,8 +57,8 @@ def test_gpus_are_derived_from_the_base_model_size(tiny_model_dir):
 
 
 def test_workers_register_heartbeat_and_are_listed(settings, tmp_path):
-    from tunehouse.cli.main import app
     from tunehouse.api.state import AppState
+    from tunehouse.cli.main import app
 
     state = AppState.open(settings)  # migrates the fresh database
     settings.worker_gpus = 2  # as `tunehouse worker --gpus 2` on a GPU box would say
