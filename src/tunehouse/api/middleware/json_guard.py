@@ -12,6 +12,7 @@ import json
 import re
 
 from tunehouse.api.errors import error_body
+from tunehouse.api.middleware import replaying
 
 MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 256
@@ -86,16 +87,7 @@ class JsonBodyGuard:
                 f"The JSON body is nested more than {self.max_depth} levels deep.",
                 code="invalid_json",
             )
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replaying(body, receive), send)
 
     @staticmethod
     async def _refuse(send, status: int, message: str, code: str | None = None) -> None:

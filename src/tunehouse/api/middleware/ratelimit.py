@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tunehouse.api.deps import get_principal
 from tunehouse.api.errors import error_body
+from tunehouse.api.middleware import replaying
 from tunehouse.errors import APIError
 from tunehouse.usage.ratelimit import LIMITS_TTL, Decision, RateLimiter, charging, estimate_tokens
 
@@ -108,13 +109,4 @@ async def _buffer_body(receive):
         size += len(chunks[-1])
         more = message.get("more_body", False)
     body = b"".join(chunks)
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return (body if size <= MAX_ESTIMATED_BODY else None), replay
+    return (body if size <= MAX_ESTIMATED_BODY else None), replaying(body, receive)
