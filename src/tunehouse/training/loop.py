@@ -199,8 +199,9 @@ class Recipe(Protocol):
         each. Yields, per micro-batch, its sums (loss first, then what `metrics` reads) and its real
         tokens; the loop may stop between two yields."""
 
-    def metrics(self, sums: list[float], n: float, *, prefix: str) -> dict[str, float]:
-        """The step's (or evaluation's) metrics from the sums of its micro-batches."""
+    def metrics(self, sums: list[float], n: float) -> dict[str, float]:
+        """A training step's `train_*` metrics from the sums of its micro-batches. (Evaluation
+        reports the first two sums over n as the loss and the accuracy.)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,7 +560,7 @@ def run(spec: TrainSpec, recipe: Recipe, hooks: TrainHooks) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             step, batch_index = step + 1, batch_index + 1
 
-            metrics = recipe.metrics(sums, n, prefix="train_")
+            metrics = recipe.metrics(sums, n)
             if valid_set and rank == 0 and (step % valid_every == 0 or step == total_steps):
                 # A small rotating slice of the validation set: cheap, and over the run it covers all.
                 k = (step // valid_every - 1) * valid_batch

@@ -297,20 +297,16 @@ class Dpo:
             ]
             yield sums, n_real
 
-    def metrics(self, sums: list[float], n: float, *, prefix: str) -> dict[str, float]:
+    def metrics(self, sums: list[float], n: float) -> dict[str, float]:
         loss, correct, chosen, rejected = sums
-        out = {
-            f"{prefix}loss": loss / n,
+        return {
+            "train_loss": loss / n,
             # The *preference* accuracy (see the module docstring); it fills the token accuracy's slot.
-            f"{prefix}mean_token_accuracy": correct / n,
+            "train_mean_token_accuracy": correct / n,
+            "train_rewards_chosen": chosen / n,
+            "train_rewards_rejected": rejected / n,
+            "train_reward_margin": (chosen - rejected) / n,
         }
-        if prefix == "train_":
-            out |= {
-                "train_rewards_chosen": chosen / n,
-                "train_rewards_rejected": rejected / n,
-                "train_reward_margin": (chosen - rejected) / n,
-            }
-        return out
 
 
 def train(spec: DpoSpec, hooks: TrainHooks) -> TrainResult:

@@ -103,9 +103,9 @@ class Supervised:
                 (ls / normaliser).backward()
             yield [ls.item(), c.item()], n_real
 
-    def metrics(self, sums: list[float], n: float, *, prefix: str) -> dict[str, float]:
+    def metrics(self, sums: list[float], n: float) -> dict[str, float]:
         loss, correct = sums
-        return {f"{prefix}loss": loss / n, f"{prefix}mean_token_accuracy": correct / n}
+        return {"train_loss": loss / n, "train_mean_token_accuracy": correct / n}
 
 
 def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
