@@ -36,12 +36,7 @@ class AppState:
             # before this server serves a model (an allowed deferred import, see pyproject.toml).
             from tunehouse.inference.hf import HFEngine
 
-            self._engine = HFEngine(
-                dtype=self.settings.dtype,
-                max_adapters=self.settings.inference_max_adapters,
-                prefix_cache_mb=self.settings.inference_prefix_cache_mb,
-                quantization=self.settings.inference_quantization,
-            )
+            self._engine = HFEngine.from_settings(self.settings)
         return self._engine
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from tunehouse.config import Settings
 from tunehouse.data.chat import normalize_messages, render, template_supports_tools, with_preamble
 from tunehouse.hardware import resolve_device, resolve_dtype
 from tunehouse.inference.cache import GrowingLayer, new_cache
@@ -119,6 +120,16 @@ class HFEngine(InferenceEngine):
             self.device,
             str(self.dtype).removeprefix("torch."),
             ", int8 matmuls" if quantization == "int8" else "",
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HFEngine:
+        """The engine as a server or a job's process configures it (dtype, adapters, cache)."""
+        return cls(
+            dtype=settings.dtype,
+            max_adapters=settings.inference_max_adapters,
+            prefix_cache_mb=settings.inference_prefix_cache_mb,
+            quantization=settings.inference_quantization,
         )
 
     # ---- public API: prompts ---------------------------------------------------------------------
