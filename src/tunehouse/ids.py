@@ -1,5 +1,6 @@
 """Every identifier the system hands out, in OpenAI's shapes where OpenAI has one: file-…, ftjob-…,
-ftevent-…, ftckpt_…, chatcmpl-…, cmpl-…, proj_…, cp_…, audit_log-…, ft:<base>:<org>:<suffix>:<id>;
+ftevent-…, ftckpt_…, chatcmpl-…, cmpl-…, proj_…, cp_…, audit_log-…, eval_…, evalrun_…, outputitem_…,
+ft:<base>:<org>:<suffix>:<id>;
 ours (keys, webhooks, request ids) in the same style. Nothing else makes ids by hand."""
 
 from __future__ import annotations
@@ -116,3 +117,22 @@ def fine_tuned_model_name(*, base: str, org_slug: str, suffix: str | None, job_i
 
 def checkpoint_model_name(model_name: str, step: int) -> str:
     return f"{model_name}:ckpt-step-{step}"
+
+
+def eval_id() -> str:
+    """An eval (/v1/evals): OpenAI's shape, eval_ + 32 hex digits."""
+    return f"eval_{uuid.uuid4().hex}"
+
+
+def eval_run_id() -> str:
+    """An eval run; also the id of the job (jobs table, kind "eval_run") that executes it."""
+    return f"evalrun_{uuid.uuid4().hex}"
+
+
+def eval_output_item_id() -> str:
+    return f"outputitem_{uuid.uuid4().hex}"
+
+
+def testing_criterion_id(name: str) -> str:
+    """A testing criterion of an eval, as OpenAI names them: `<name>-<uuid4>`."""
+    return f"{name}-{uuid.uuid4()}"

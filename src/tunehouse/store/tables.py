@@ -342,3 +342,69 @@ class Worker(Base):
     started_at: Mapped[int] = mapped_column(BigInteger, default=now)
     last_heartbeat: Mapped[float] = mapped_column(Float)
     stopped_at: Mapped[int | None] = mapped_column(BigInteger)  # set on a graceful stop
+
+
+# --- evals (evals/, api/evals/) ----------------------------------------------------------------------
+
+
+class Eval(Base):
+    """An eval (OpenAI's /v1/evals): the shape of its data and the criteria its runs are graded by."""
+
+    __tablename__ = "evals"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    # As echoed: {"type": "custom", "schema": {...item and sample...}} (+ include_sample_schema).
+    data_source_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    testing_criteria: Mapped[list[Any]] = mapped_column(JSON)  # grader objects, each with its `id`
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class EvalRun(Base):
+    """A run of an eval. It executes as a job (the jobs table, kind "eval_run", the same id): its
+    status, error and worker bookkeeping live on that job's row."""
+
+    __tablename__ = "eval_runs"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    eval_id: Mapped[str] = mapped_column(ForeignKey("evals.id", ondelete="CASCADE"), index=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(512))  # "" for a jsonl run (nothing is generated)
+    data_source: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    # Written when the run ends, from its output items; computed from them while it runs.
+    result_counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    per_model_usage: Mapped[list[Any] | None] = mapped_column(JSON)
+    per_testing_criteria_results: Mapped[list[Any] | None] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class EvalOutputItem(Base):
+    """One graded item of a run. (run_id, datasource_item_id) is unique: a run resumed after its
+    process died writes only the items it had not written, never one twice."""
+
+    __tablename__ = "eval_output_items"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"), index=True)
+    eval_id: Mapped[str] = mapped_column(String(64))
+    datasource_item_id: Mapped[int] = mapped_column(Integer)
+    datasource_item: Mapped[dict[str, Any]] = mapped_column(JSON)
+    results: Mapped[list[Any]] = mapped_column(JSON)
+    sample: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))  # pass | fail | error
+    # Tokens this item cost, per model (the run's model, and the models of model graders).
+    usage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+    __table_args__ = (UniqueConstraint("run_id", "datasource_item_id", name="uq_eval_output_items_run_item"),)
