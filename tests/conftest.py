@@ -87,6 +87,9 @@ def make_settings(home: Path, tiny_model_dir: Path, database_url: str | None) ->
         models_dir=MODELS_DIR,
         base_models={TINY_MODEL: tiny_model_dir},
         admin_key="sk-test-admin",
+        # Fine-tuning jobs skip the forgetting and safety checks unless a test asks for them
+        # (evaluation.general_checks): they would add an engine load and two generations to each.
+        general_checks=False,
         job_retry_seconds=0.5,  # retries back off 0.5 s, 1 s, 2 s, ... (5 s, 10 s, ... by default)
     )
 

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         description='Extra base models: JSON map of name to a local Hugging Face folder, e.g. {"my-llama": "/models/llama"}.',
     )
     default_model: str = "smollm2-135m-instruct"
+    general_checks: bool = Field(
+        default=True,
+        description="After training, run the forgetting and safety checks (evals/checks.py) on the "
+        "starting model and the fine-tune (a job's evaluation.general_checks overrides this).",
+    )
     inference_max_adapters: int = Field(default=8, description="Fine-tuned adapters kept loaded at once.")
     inference_prefix_cache_mb: int = Field(
         default=256,

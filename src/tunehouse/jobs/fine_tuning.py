@@ -33,6 +33,7 @@ from tunehouse.data.analysis import check_files, context_length_for
 from tunehouse.jobs import queue
 from tunehouse.jobs import status as st
 from tunehouse.jobs.context import DP_LOCAL_RANK, DP_MASTER, JobContext, JobGone
+from tunehouse.jobs.evaluation import evaluate
 from tunehouse.jobs.events import add_event, metrics_message
 from tunehouse.jobs.state_store import StoredState, discard_training_state, stored_state
 from tunehouse.store import files
@@ -274,6 +275,15 @@ def train(ctx: JobContext) -> None:
         throughput.record(
             ctx.settings.home, job.base_model, result.trained_tokens / (time.monotonic() - started)
         )
+    try:
+        evaluate(ctx, job, model_name=model_name, valid_path=valid_path)
+    except JobGone:
+        raise
+    except Exception as e:
+        # The model trained well enough to keep: a failed measurement is reported, not fatal.
+        log.exception("job %s: evaluation failed", job.id)
+        with ctx.db.transaction() as s:
+            add_event(s, job.id, f"Evaluation of the fine-tuned model failed: {type(e).__name__}: {e}", level="warn")
     finish(ctx, job, model_name=model_name, trained_tokens=result.trained_tokens, rows=hooks.rows)
     shutil.rmtree(ctx.work_dir / "train", ignore_errors=True)
     discard_training_state(ctx.settings, organization_id=job.organization_id, job_id=job.id)

@@ -58,6 +58,19 @@ class Method(BaseModel):
     reinforcement: dict[str, Any] | None = None
 
 
+class Evaluation(BaseModel):
+    """tunehouse extension: how the job judges its checkpoints (jobs/evaluation.py). A grader, or
+    an eval's testing criteria, scores each checkpoint and the starting model on the validation
+    file; `select_checkpoint: "best"` makes the job's model the best-scoring checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    grader: dict[str, Any] | None = None
+    eval_id: str | None = None
+    select_checkpoint: Literal["last", "best"] = "last"
+    # The forgetting and safety checks; null: the server's TUNEHOUSE_GENERAL_CHECKS.
+    general_checks: bool | None = None
+
+
 class CreateFineTuningJobRequest(BaseModel):
     model: str
     training_file: str
@@ -70,6 +83,7 @@ class CreateFineTuningJobRequest(BaseModel):
     metadata: dict[MetadataKey, MetadataValue] | None = None
     # tunehouse extension: train/validation overlap (contamination) fails the job instead of warning.
     overlap_is_error: bool = False
+    evaluation: Evaluation | None = None  # tunehouse extension
 
     @field_validator("metadata")
     @classmethod
@@ -112,6 +126,9 @@ class FineTuningJob(BaseModel):
     estimated_tokens: int | None = None
     estimated_cost: float | None = None
     cost: float | None = None
+    # tunehouse extension (jobs/evaluation.py): the validation scores of the starting model and the
+    # checkpoints, which checkpoint became the model and why, the forgetting and safety checks.
+    evaluation: dict[str, Any] | None = None
 
 
 class FineTuningJobList(BaseModel):

@@ -26,15 +26,16 @@ from tunehouse.api.fine_tuning.protocol import (
 from tunehouse.api.pagination import page
 from tunehouse.config import Settings
 from tunehouse.errors import InvalidRequest, ModelNotFound, NotFound
+from tunehouse.graders import parse_grader
 from tunehouse.jobs.events import add_event
 from tunehouse.jobs.fine_tuning import FineTuning
 from tunehouse.store import files
 from tunehouse.store import job_status as st
 from tunehouse.store.blobs import Blobs
 from tunehouse.store.catalog import is_base_model
-from tunehouse.store.tables import Checkpoint, Job, JobEvent, now
+from tunehouse.store.tables import Checkpoint, Eval, Job, JobEvent, now
 from tunehouse.tenancy.auth import Principal
-from tunehouse.tenancy.scope import own_checkpoint, scoped
+from tunehouse.tenancy.scope import own_checkpoint, scoped, usable_checkpoint
 from tunehouse.training.hparams import LORA_TARGET_MODULES
 from tunehouse.training.recipes import METHODS
 from tunehouse.usage.quotas import admit_job
@@ -68,6 +69,7 @@ def to_wire(job: Job) -> FineTuningJob:
         estimated_tokens=job.estimated_tokens,
         estimated_cost=job.estimated_cost,
         cost=job.cost,
+        evaluation=(job.options or {}).get("evaluation_result"),
     )
 
 
@@ -169,6 +171,49 @@ def _resolve_start(
     raise ModelNotFound(model)
 
 
+def _evaluation_options(
+    settings: Settings, session: Session, principal: Principal, req: CreateFineTuningJobRequest
+) -> dict:
+    """The job's `evaluation` as the worker reads it: the graders themselves (an eval's criteria
+    are copied, so the job keeps them if the eval changes or goes), checked now, not mid-job."""
+    ev = req.evaluation
+    if ev.grader is not None and ev.eval_id is not None:
+        raise InvalidRequest("Give evaluation.grader or evaluation.eval_id, not both.", param="evaluation")
+    specs: list[dict] = []
+    if ev.grader is not None:
+        specs = [parse_grader(ev.grader, param="evaluation.grader").spec]
+    elif ev.eval_id is not None:
+        row = session.scalar(scoped(Eval, principal).where(Eval.id == ev.eval_id))
+        if row is None:
+            raise NotFound(f"No eval found with id '{ev.eval_id}'.", param="evaluation.eval_id")
+        specs = list(row.testing_criteria)
+    for i, spec in enumerate(specs):
+        for model in grader_models(spec):
+            if not is_base_model(settings, model) and usable_checkpoint(session, principal, model) is None:
+                raise ModelNotFound(
+                    model, param="evaluation.grader" if ev.grader else f"evaluation.eval_id[{i}]"
+                )
+    if specs and not req.validation_file:
+        raise InvalidRequest(
+            "The grader scores the checkpoints on the validation file: give a validation_file.",
+            param="validation_file",
+        )
+    if ev.select_checkpoint == "best" and not specs:
+        raise InvalidRequest(
+            'select_checkpoint "best" needs a grader or an eval_id to score the checkpoints by.',
+            param="evaluation.select_checkpoint",
+        )
+    return {"graders": specs, "select_checkpoint": ev.select_checkpoint, "general_checks": ev.general_checks}
+
+
+def grader_models(spec: dict) -> list[str]:
+    """The models a grader samples (score_model, label_model, and those inside a multi)."""
+    models = [spec["model"]] if isinstance(spec.get("model"), str) else []
+    for sub in (spec.get("graders") or {}).values() if isinstance(spec.get("graders"), dict) else []:
+        models += grader_models(sub)
+    return models
+
+
 def create_job(
     settings: Settings,
     session: Session,
@@ -192,6 +237,8 @@ def create_job(
         )
     if req.overlap_is_error:
         options["overlap_is_error"] = True
+    if req.evaluation is not None:
+        options["evaluation"] = _evaluation_options(settings, session, principal, req)
     # Quotas before anything is written: a refused job leaves no row and no event.
     billing = admit_job(
         settings,

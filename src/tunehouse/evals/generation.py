@@ -1,0 +1,196 @@
+"""Generation for evals, in a job's own process: many prompts through the inference engine at once.
+
+An eval run (and a fine-tuning job scoring its checkpoints) has all its prompts up front. Sending
+them one by one, as a chat client would, leaves the engine decoding one sequence at a time;
+`Generator.generate` submits every prompt at once, so the engine's scheduler decodes them together
+in batches (up to its batch size) and each result is handed back as soon as its sequence ends: a
+run writes its output items as they come, so a kill loses at most the items still decoding.
+
+The engine (torch, transformers, the model) loads on first use: a process that only looks a job's
+kind up never pays for it (an allowed deferred import, see pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tunehouse.config import Settings
+from tunehouse.errors import ModelNotFound
+from tunehouse.graders import Completion
+from tunehouse.inference.engine import ContextLengthExceeded, Delta, ModelRef, SamplingParams, Usage
+from tunehouse.store.blobs import open_blobs
+from tunehouse.store.catalog import is_base_model, resolve_base_model
+from tunehouse.store.tables import Checkpoint
+
+
+@dataclass
+class GenResult:
+    text: str = ""
+    finish_reason: str = "stop"  # "stop" | "length" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None  # the prompt could not run (too long for the context, say)
+
+
+def resolve_model(settings: Settings, session: Session, name: str, *, param: str = "model") -> ModelRef:
+    """A served model by name: a base model, or a fine-tuned model or checkpoint (`ft:…`).
+
+    No tenancy check here: whoever queued the work checked, at create time, that its project may
+    use the model (api/models/service.py `resolve_for_inference`)."""
+    if is_base_model(settings, name):
+        return ModelRef(name=name, base_path=resolve_base_model(settings, name, param=param).path)
+    row = session.scalar(select(Checkpoint).where(Checkpoint.model_name == name))
+    if row is None:
+        raise ModelNotFound(name, param=param)
+    base = resolve_base_model(settings, row.base_model, param=param)
+    return ModelRef(
+        name=name, base_path=base.path, adapter_path=open_blobs(settings, "weights").path(row.path)
+    )
+
+
+class Generator:
+    """Batched generation on one inference engine, created on first use (or given: a test, or a
+    process that already has one)."""
+
+    def __init__(self, settings: Settings, *, engine: Any = None):
+        self.settings = settings
+        self._engine = engine
+        self._owns_engine = engine is None
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self):
+        with self._lock:
+            if self._engine is None:
+                from tunehouse.inference.hf import HFEngine  # torch loads here, on first generation
+
+                self._engine = HFEngine.from_settings(self.settings)
+            return self._engine
+
+    def generate(
+        self,
+        model: ModelRef,
+        prompts: list[list[dict]],
+        params: SamplingParams,
+        on_result: Callable[[int, GenResult], None],
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        tools: list | None = None,
+    ) -> None:
+        """Run every prompt (chat messages) with `params` (one choice each) and call
+        `on_result(index, result)` from this thread as each finishes, in finishing order. Returns
+        when all have finished, or early, cancelling what still runs, once `should_stop()`."""
+        if params.n != 1:
+            raise ValueError("eval generation samples one choice per prompt")
+        engine = self.engine
+        done: queue.SimpleQueue[tuple[int, GenResult]] = queue.SimpleQueue()
+        handles = []
+        pending = 0
+        for index, messages in enumerate(prompts):
+            try:
+                ids = engine.encode_chat(model, messages, tools=tools)
+                handles.append(engine.submit(model, ids, params, _Collector(index, len(ids), done.put)))
+                pending += 1
+            except (ContextLengthExceeded, ValueError) as e:
+                on_result(index, GenResult(finish_reason="error", error=str(e)))
+        try:
+            while pending:
+                try:
+                    index, result = done.get(timeout=0.5)
+                except queue.Empty:
+                    if should_stop():
+                        return
+                    continue
+                pending -= 1
+                on_result(index, result)
+        finally:
+            for handle in handles:
+                handle.cancel()  # a no-op for those that finished
+
+    def complete(self, model: ModelRef, messages: list[dict], params: SamplingParams) -> GenResult:
+        """One prompt, waited for (a model grader's call; many run at once from grader threads)."""
+        results: list[GenResult] = []
+        self.generate(model, [messages], params, lambda _, r: results.append(r))
+        return results[0]
+
+    def sampler(self, session_factory: Callable[[], Session]) -> EngineSampler:
+        return EngineSampler(self, session_factory)
+
+    def close(self) -> None:
+        if self._engine is not None and self._owns_engine:
+            self._engine.close()
+            self._engine = None
+
+
+class EngineSampler:
+    """The graders' ModelSampler on this process's engine: score_model and label_model criteria
+    sample the models they name (resolved by name; refs cached for the run)."""
+
+    def __init__(self, generator: Generator, session_factory: Callable[[], Session]):
+        self.generator = generator
+        self.session_factory = session_factory
+        self._refs: dict[str, ModelRef] = {}
+
+    def _ref(self, name: str) -> ModelRef:
+        if name not in self._refs:
+            with self.session_factory() as session:
+                self._refs[name] = resolve_model(self.generator.settings, session, name)
+        return self._refs[name]
+
+    def complete(
+        self,
+        model: str,
+        messages: list[dict],
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        response_format: dict | None = None,
+    ) -> Completion:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            seed=seed,
+            response_format=response_format,
+        )
+        result = self.generator.complete(self._ref(model), messages, params)
+        if result.error is not None:
+            raise RuntimeError(result.error)
+        return Completion(
+            text=result.text,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            model=model,
+        )
+
+
+class _Collector:
+    """Gathers one request's events (on the engine's thread) into one GenResult."""
+
+    def __init__(self, index: int, prompt_tokens: int, put: Callable[[tuple[int, GenResult]], None]):
+        self.index = index
+        self.result = GenResult(prompt_tokens=prompt_tokens)
+        self.put = put
+
+    def __call__(self, event: Delta | Usage | BaseException) -> None:
+        if isinstance(event, Delta):
+            self.result.text += event.text
+            if event.finish_reason:
+                self.result.finish_reason = event.finish_reason
+        elif isinstance(event, Usage):
+            self.result.prompt_tokens = event.prompt_tokens
+            self.result.completion_tokens = event.completion_tokens
+            self.put((self.index, self.result))
+        else:
+            self.result.finish_reason = "error"
+            self.result.error = f"{type(event).__name__}: {event}"
+            self.put((self.index, self.result))
