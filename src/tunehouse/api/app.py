@@ -13,6 +13,7 @@ from tunehouse.api.completions.router import router as completions_router
 from tunehouse.api.errors import install_error_handlers
 from tunehouse.api.files.router import router as files_router
 from tunehouse.api.fine_tuning.router import router as fine_tuning_router
+from tunehouse.api.graders.router import router as graders_router
 from tunehouse.api.middleware.json_guard import JsonBodyGuard
 from tunehouse.api.middleware.ratelimit import RateLimitMiddleware
 from tunehouse.api.models.router import router as models_router
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
     for router in (
         files_router,
         fine_tuning_router,
+        graders_router,
         models_router,
         chat_router,
         completions_router,

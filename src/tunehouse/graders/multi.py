@@ -110,10 +110,13 @@ class MultiGrader(Grader):
         checker.expect(spec, "name", param, "string")
         graders: dict[str, Grader] = {}
         subs = checker.expect(spec, "graders", param, "object")
-        if subs is not None and not subs:
+        if subs is not None and (not subs or isinstance(subs.get("type"), str)):
             checker.add(
-                f"{param}.graders", f"Invalid value for '{param}.graders': expected at least one grader."
+                f"{param}.graders",
+                f"Invalid value for '{param}.graders': expected an object of named graders, "
+                '{"<name>": {<grader>}, ...}, whose names calculate_output uses.',
             )
+            subs = None
         for name, sub in (subs or {}).items():
             where = f"{param}.graders.{name}"
             if not _NAME.fullmatch(name) or name in FUNCTIONS:
