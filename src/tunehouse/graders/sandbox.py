@@ -223,52 +223,46 @@ def _execute(
 
 
 def _communicate(proc: subprocess.Popen, payload: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, bool]:
-    """Write the payload and read both pipes until EOF, at most `cap` bytes each (the rest is
-    discarded), until the deadline. Returns (stdout, stderr, timed_out)."""
+    """Write the payload and read both pipes until they close, keeping at most `cap` bytes of each,
+    and wait for the exit; all before the deadline. Returns (stdout, stderr, timed_out)."""
     assert proc.stdin and proc.stdout and proc.stderr
-    buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    stdin, stdout, stderr = proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno()
+    buffers = {stdout: bytearray(), stderr: bytearray()}
     view = memoryview(payload)
     with selectors.DefaultSelector() as sel:
-        for f in (proc.stdout, proc.stderr):
-            os.set_blocking(f.fileno(), False)
-            sel.register(f.fileno(), selectors.EVENT_READ)
-        os.set_blocking(proc.stdin.fileno(), False)
-        sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
-        open_fds = 3
-        while open_fds:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        for fd in (stdin, stdout, stderr):
+            os.set_blocking(fd, False)
+        sel.register(stdin, selectors.EVENT_WRITE)
+        sel.register(stdout, selectors.EVENT_READ)
+        sel.register(stderr, selectors.EVENT_READ)
+        while sel.get_map() and (remaining := deadline - time.monotonic()) > 0:
             for key, _ in sel.select(remaining):
-                fd = key.fd
-                if fd == proc.stdin.fileno():
+                if key.fd == stdin:
                     try:
-                        view = view[os.write(fd, view[: 1 << 16]) :]
-                    except (BrokenPipeError, BlockingIOError):
-                        view = view[:0] if not isinstance(sys.exc_info()[1], BlockingIOError) else view
+                        view = view[os.write(stdin, view[: 1 << 16]) :]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:  # it died before reading everything: its exit says why
+                        view = view[:0]
                     if not view:
-                        sel.unregister(fd)
+                        sel.unregister(stdin)
                         proc.stdin.close()
-                        open_fds -= 1
                     continue
-                chunk = os.read(fd, 1 << 16)
+                chunk = os.read(key.fd, 1 << 16)
                 if not chunk:
-                    sel.unregister(fd)
-                    open_fds -= 1
-                    continue
-                buf = buffers[fd]
-                if len(buf) < cap:
-                    buf += chunk[: cap - len(buf)]
-        else:
-            timed_out = False
-            # Both pipes closed: the process is exiting; give it until the deadline to do so.
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.001)
-            timed_out = proc.poll() is None
-            return bytes(buffers[proc.stdout.fileno()]), bytes(buffers[proc.stderr.fileno()]), timed_out
+                    sel.unregister(key.fd)
+                buf = buffers[key.fd]
+                buf += chunk[: max(0, cap - len(buf))]
+        timed_out = bool(sel.get_map())
     if not proc.stdin.closed:
         proc.stdin.close()
-    return bytes(buffers[proc.stdout.fileno()]), bytes(buffers[proc.stderr.fileno()]), True
+    while not timed_out and proc.poll() is None:
+        # Both pipes are closed, so it is exiting (or a grandchild holds nothing): wait, to the deadline.
+        if time.monotonic() >= deadline:
+            timed_out = True
+        else:
+            time.sleep(0.0005)
+    return bytes(buffers[stdout]), bytes(buffers[stderr]), timed_out
 
 
 def _kill(proc: subprocess.Popen) -> None:
