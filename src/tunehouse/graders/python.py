@@ -12,11 +12,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from tunehouse.graders.base import Checker, GradeErrors, Grader, GradeResult, ModelSampler, Sample, failed
-
-try:
-    from tunehouse.graders.sandbox import check_source, run_python
-except ImportError:  # TEMPORARY: graders/sandbox.py lands in a parallel change; remove this guard then
-    check_source = run_python = None
+from tunehouse.graders.sandbox import check_source, run_python
 
 RUNTIME = ("runtime", "invalid_return", "memory")
 
@@ -33,9 +29,7 @@ class PythonGrader(Grader):
     def check(cls, spec: dict, param: str, checker: Checker) -> None:
         checker.expect(spec, "image_tag", param, "string")
         source = checker.expect(spec, "source", param, "string")
-        if check_source is None:
-            checker.add(f"{param}.type", "Python graders are not available on this server yet.")
-        elif source is not None:
+        if source is not None:
             problem = check_source(source)
             if problem:
                 checker.add(f"{param}.source", f"Invalid value for '{param}.source': {problem}")
