@@ -32,6 +32,7 @@ read here to a bound and shown only when the sandbox itself fails.
 from __future__ import annotations
 
 import ast
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -92,7 +93,9 @@ def check_source(source: str) -> str | None:
         return f"syntax error at line {e.lineno}: {e.msg}"
     except (ValueError, RecursionError, MemoryError) as e:  # null bytes, absurd nesting
         return f"the source does not compile: {e}"
-    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "grade"]
+    defs = [
+        n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "grade"
+    ]
     if not defs:
         return "the source must define a top-level function grade(sample, item)"
     grade = defs[-1]  # the last definition is the one that counts
@@ -207,10 +210,17 @@ def _execute(
     deadline = start + limits.wall_seconds
     cap = limits.output_kb * 1024 + 4 * DETAILS_LIMIT + 1024
     out, err, timed_out = _communicate(proc, payload, deadline, cap)
-    if timed_out or proc.poll() is None:
+    pid = status = 0
+    while not timed_out:  # both pipes closed: it is exiting; wait for that, up to the deadline
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        timed_out = time.monotonic() >= deadline
+        time.sleep(0.0005)
+    if not pid:
         _kill(proc)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, with its CPU time, not by Popen
     elapsed = time.monotonic() - start
     if timed_out:
         return SandboxResult(
@@ -222,7 +232,9 @@ def _execute(
     return _died(proc.returncode, usage, err, limits, elapsed)
 
 
-def _communicate(proc: subprocess.Popen, payload: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, bool]:
+def _communicate(
+    proc: subprocess.Popen, payload: bytes, deadline: float, cap: int
+) -> tuple[bytes, bytes, bool]:
     """Write the payload and read both pipes until they close, keeping at most `cap` bytes of each,
     and wait for the exit; all before the deadline. Returns (stdout, stderr, timed_out)."""
     assert proc.stdin and proc.stdout and proc.stderr
@@ -256,21 +268,13 @@ def _communicate(proc: subprocess.Popen, payload: bytes, deadline: float, cap: i
         timed_out = bool(sel.get_map())
     if not proc.stdin.closed:
         proc.stdin.close()
-    while not timed_out and proc.poll() is None:
-        # Both pipes are closed, so it is exiting (or a grandchild holds nothing): wait, to the deadline.
-        if time.monotonic() >= deadline:
-            timed_out = True
-        else:
-            time.sleep(0.0005)
     return bytes(buffers[stdout]), bytes(buffers[stderr]), timed_out
 
 
 def _kill(proc: subprocess.Popen) -> None:
     # bwrap's own children die with it (--die-with-parent, and the pid namespace with its init).
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _parse(out: bytes) -> tuple[float | None, str | None, str | None, str] | None:
@@ -301,7 +305,9 @@ def _died(returncode: int, usage: Any, err: bytes, limits: Limits, elapsed: floa
             None, "timeout", f"grade() used more than {limits.cpu_seconds:g} s of CPU time", elapsed
         )
     if sig == signal.SIGKILL:
-        return SandboxResult(None, "memory", "grade() was killed, most likely for using too much memory", elapsed)
+        return SandboxResult(
+            None, "memory", "grade() was killed, most likely for using too much memory", elapsed
+        )
     if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
         return SandboxResult(None, "runtime", f"grade() crashed ({signal.Signals(sig).name})", elapsed)
     tail = err.decode("utf-8", "replace").strip()[-DETAILS_LIMIT:]
@@ -433,6 +439,15 @@ _CLONE_THREAD = 0x00010000
 _AF_UNIX = 1
 
 
+# Calls a grader has no use for, each a way around the namespaces or a large attack surface
+# (io_uring runs socket and file operations that the filter would not see).
+_REFUSED_CALLS = (
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "ptrace", "process_vm_readv",
+    "process_vm_writev", "mount", "umount2", "pivot_root", "unshare", "setns", "bpf",
+    "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
+)  # fmt: skip
+
+
 def _scmp_errno(code: int) -> int:
     return 0x00050000 | (code & 0xFFFF)
 
@@ -478,15 +493,7 @@ def _seccomp_program() -> bytes | None:
         # clone3 passes its flags in memory, out of a filter's reach: ENOSYS makes glibc use clone.
         (enosys, "clone3", []),
         (eperm, "socket", [_ArgCmp(0, _SCMP_CMP_NE, _AF_UNIX, 0)]),
-        *(
-            (eperm, name, [])
-            for name in (
-                "io_uring_setup", "io_uring_enter", "io_uring_register", "ptrace",
-                "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
-                "unshare", "setns", "bpf", "perf_event_open", "userfaultfd", "keyctl",
-                "add_key", "request_key",
-            )  # fmt: skip
-        ),
+        *((eperm, name, []) for name in _REFUSED_CALLS),
     ]
     try:
         for action, syscall, cmps in rules:
@@ -590,7 +597,6 @@ class Output:
         return "".join(self.parts) + (f"\n[{self.dropped} more characters not kept]" if self.dropped else "")
 
 output = Output(limits["output"])
-sys.stdout = sys.stderr = output
 
 def hook(event, args, _realpath=os.path.realpath, _fsdecode=os.fsdecode, _scratch=scratch + "/",
          _writes=os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC,
@@ -623,6 +629,7 @@ def hook(event, args, _realpath=os.path.realpath, _fsdecode=os.fsdecode, _scratc
             raise PermissionError(f"sandbox: writing to {_fsdecode(path)!r} is not allowed "
                                   f"(only under {_scratch[:-1]})")
 
+R.setrlimit(R.RLIMIT_AS, (limits["memory"], limits["memory"]))
 if setup["audit_hook"]:
     try:
         import _posixsubprocess
@@ -633,8 +640,6 @@ if setup["audit_hook"]:
         pass
     sys.addaudithook(hook)
 
-R.setrlimit(R.RLIMIT_AS, (limits["memory"], limits["memory"]))
-
 def describe(exc):
     import linecache, traceback
     linecache.cache["<grader>"] = (len(request["source"]), None, request["source"].splitlines(True), "<grader>")
@@ -643,6 +648,7 @@ def describe(exc):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))[-4096:]
 
+sys.stdout = sys.stderr = output
 try:
     namespace = {"__name__": "__grader__", "__builtins__": __builtins__}
     exec(compile(request["source"], "<grader>", "exec", dont_inherit=True), namespace)
