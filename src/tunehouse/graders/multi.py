@@ -60,6 +60,23 @@ _UNSUPPORTED = (
     simpleeval.NameNotDefined,
     simpleeval.AttributeDoesNotExist,
 )
+# The syntax a formula may use: arithmetic over names and numbers, and function calls by name.
+_ALLOWED_NODES = (
+    ast.Expression,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.BoolOp,
+    ast.Compare,
+    ast.IfExp,
+    ast.Call,
+    ast.Name,
+    ast.Constant,
+    ast.Load,
+    ast.operator,
+    ast.unaryop,
+    ast.boolop,
+    ast.cmpop,
+)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -74,6 +91,16 @@ def formula_problems(formula: str, graders: set[str]) -> list[str]:
     except SyntaxError as e:
         return [f"the formula does not parse ({e.msg})."]
     out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES) or (
+            isinstance(node, ast.Constant) and not isinstance(node.value, int | float)
+        ):
+            return [
+                f"the formula uses {type(node).__name__.lower()}, which formulas may not (only numbers, "
+                "grader names, arithmetic, comparisons, and/or/not, x if c else y, and functions)."
+            ]
+        if isinstance(node, ast.Call) and (node.keywords or not isinstance(node.func, ast.Name)):
+            return ["the formula calls something other than a function by name."]
     called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     for node in ast.walk(tree):
         if not isinstance(node, ast.Name):
@@ -127,7 +154,7 @@ class MultiGrader(Grader):
                     "digit, and not a function's name.",
                 )
                 continue
-            grader = checker.parse_child(sub, where, in_multi=True)
+            grader = checker.parse_child(sub, where, checker, in_multi=True)
             if grader is not None:
                 graders[name] = grader
         formula = checker.expect(spec, "calculate_output", param, "string")
