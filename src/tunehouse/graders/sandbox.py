@@ -153,7 +153,7 @@ def _run(
     }
     try:
         if mode == "bwrap":
-            argv = _bwrap_argv()
+            argv = [*_bwrap_argv()]  # a copy: the cached list stays as it is
             if program is not None:
                 read_end, write_end = os.pipe()
                 os.write(write_end, program)  # a few hundred bytes: well under a pipe's buffer
@@ -162,7 +162,8 @@ def _run(
                 argv += ["--seccomp", str(read_end)]
             argv += ["--", _python()]
         else:
-            argv = [*_unshare_prefix(), _python()]
+            # A network namespace at least, when bwrap is missing; none when asked for a plain process.
+            argv = [*(_unshare_prefix() if isolation == "auto" else ()), _python()]
             if program is not None:
                 setup["seccomp"] = program.hex()
             if os.geteuid() == 0:
@@ -416,11 +417,18 @@ def _bwrap_argv() -> list[str]:
     # This Python and its packages, wherever they live (under /root, in a venv in the project):
     # bwrap makes their parent folders, readable and empty but for them.
     python_dirs = {os.path.realpath(sys.base_prefix), os.path.dirname(_python()), *_site_packages()}
+    made: set[str] = set()
     for path in sorted(python_dirs):
-        if not any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS) and not any(
+        if any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS) or any(
             path.startswith(p + "/") for p in python_dirs
         ):
-            argv += ["--ro-bind", path, path]
+            continue
+        # Parents made by bwrap would copy the host's 0700 (/root): open them for nobody.
+        parents = [p for p in _parents(path) if p not in made]
+        for parent in parents:
+            argv += ["--perms", "0755", "--dir", parent]
+        made.update(parents)
+        argv += ["--ro-bind", path, path]
     argv += [
         "--proc", "/proc",
         "--dev", "/dev",
@@ -429,6 +437,12 @@ def _bwrap_argv() -> list[str]:
         "--chdir", "/tmp",
     ]  # fmt: skip
     return argv
+
+
+def _parents(path: str) -> list[str]:
+    """/a/b/c -> ["/a", "/a/b"]"""
+    parts = path.strip("/").split("/")[:-1]
+    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 # seccomp: libseccomp's constants (seccomp.h)
@@ -521,16 +535,32 @@ def _seccomp_program() -> bytes | None:
 # compiles and runs the user's source.
 
 BOOTSTRAP = r'''
-import json, os, resource, signal, sys
+import _signal, os, resource, sys  # _signal: `signal` imports enum, which is slow to import
+# JSON through the json module's C scanner and encoder: `import json` costs more than the rest of
+# this start-up (it compiles regular expressions), and the request is plain JSON with no NaN.
+from _json import encode_basestring_ascii as quote, make_scanner
+
+class JSONContext:
+    strict, object_hook, object_pairs_hook = True, None, None
+    parse_float, parse_int, parse_constant = float, int, float
+
+scan = make_scanner(JSONContext)
+
+def loads(text):
+    value, end = scan(text, 0)
+    if text[end:].strip():
+        raise ValueError("extra data after the JSON value")
+    return value
 
 RESULT = os.dup(1)
 os.dup2(2, 1)  # what C code writes to stdout lands with stderr, not in the answer
 stdin = sys.stdin.buffer
-setup = json.loads(stdin.readline())
+setup = loads(stdin.readline().decode())
 limits, scratch = setup["limits"], setup["scratch"]
 
 def answer(obj):
-    data = json.dumps(obj, allow_nan=False).encode()
+    data = ("{" + ",".join(quote(k) + ":" + (repr(v) if type(v) is float else quote(v))
+                           for k, v in obj.items()) + "}").encode()
     while data:
         data = data[os.write(RESULT, data):]
     os._exit(0)
@@ -549,8 +579,8 @@ R.setrlimit(R.RLIMIT_NPROC, (0, 0))
 R.setrlimit(R.RLIMIT_FSIZE, (limits["fsize"], limits["fsize"]))
 R.setrlimit(R.RLIMIT_NOFILE, (64, 64))
 R.setrlimit(R.RLIMIT_CORE, (0, 0))
-signal.signal(signal.SIGXCPU, on_xcpu)
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+_signal.signal(_signal.SIGXCPU, on_xcpu)
+_signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)  # a write past the limit fails instead of killing
 
 if setup["seccomp"]:
     import ctypes
@@ -565,7 +595,7 @@ if setup["seccomp"]:
     if libc.prctl(22, 2, ctypes.addressof(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
         raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
 
-request = json.loads(stdin.read())
+request = loads(stdin.read().decode())
 devnull = os.open(os.devnull, os.O_RDONLY)
 os.dup2(devnull, 0)
 os.close(devnull)
@@ -598,36 +628,72 @@ class Output:
 
 output = Output(limits["output"])
 
-def hook(event, args, _realpath=os.path.realpath, _fsdecode=os.fsdecode, _scratch=scratch + "/",
-         _writes=os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC,
-         _paths={"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.chmod": (0,),
-                 "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.chflags": (0,),
-                 "os.lchflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
-                 "os.rename": (0, 1), "os.link": (0, 1), "os.symlink": (1,)}):
+# The audit hook: the last line, for when the kernel's layers are missing. event -> (indices of
+# the paths it changes, indices of their directory descriptors), as CPython's audit table has them.
+CHANGES = {
+    "os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
+    "os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)), "os.utime": ((0,), (3,)),
+    "os.truncate": ((0,), ()), "os.chflags": ((0,), ()), "os.lchflags": ((0,), ()),
+    "os.setxattr": ((0,), ()), "os.removexattr": ((0,), ()),
+    "os.rename": ((0, 1), (2, 3)), "os.link": ((0, 1), (2, 3)), "os.symlink": ((1,), (2,)),
+}
+REFUSED = {
+    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
+    "os.killpg", "pty.spawn", "resource.setrlimit", "resource.prlimit", "subprocess.Popen",
+}
+# ctypes is allowed (numpy imports it); looking these C functions up through it is not.
+REFUSED_SYMBOLS = {
+    "fork", "vfork", "_Fork", "clone", "clone3", "__clone", "syscall", "system", "popen",
+    "posix_spawn", "posix_spawnp", "execv", "execve", "execvp", "execvpe", "execl", "execle",
+    "execlp", "fexecve", "socket", "connect", "bind", "sendto", "sendmsg", "open", "open64",
+    "openat", "openat64", "creat", "creat64", "fopen", "fopen64", "freopen", "freopen64",
+    "unlink", "unlinkat", "rename", "renameat", "renameat2", "mkdir", "mkdirat", "rmdir",
+    "truncate", "truncate64", "chmod", "fchmod", "fchmodat", "chown", "fchown", "lchown",
+    "fchownat", "symlink", "symlinkat", "link", "linkat", "kill", "tgkill", "ptrace", "mount",
+    "unshare", "setns", "prctl", "setrlimit", "prlimit", "prlimit64", "dlopen", "dlsym",
+    "dlvsym", "dlmopen",
+}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+def where(path, dir_fd=None, _readlink=os.readlink, _join=os.path.join, _realpath=os.path.realpath,
+          _fsdecode=os.fsdecode):
+    if isinstance(path, int):
+        return _readlink(f"/proc/self/fd/{path}")
+    path = _fsdecode(path)
+    if dir_fd is not None and dir_fd >= 0 and not path.startswith("/"):  # -1: the working folder
+        path = _join(_readlink(f"/proc/self/fd/{dir_fd}"), path)
+    return _realpath(path)
+
+def hook(event, args, _scratch=scratch + "/", _where=where, _changes=CHANGES, _refused=REFUSED,
+         _symbols=REFUSED_SYMBOLS):
     if event == "open":
         path, mode, flags = args
-        if (mode and any(c in mode for c in "wax+")) or (flags & _writes):
-            check = (path,)
-        else:
-            return
-    elif event in _paths:
-        check = tuple(args[i] for i in _paths[event])
-        if any(isinstance(a, int) for a in args[len(_paths[event]):] if a is not None) and event != "os.truncate":
-            raise PermissionError(f"sandbox: {event} with a directory descriptor is not allowed")
-    elif event.startswith(("socket.", "subprocess.", "ctypes.", "resource.setrlimit", "resource.prlimit")) or event in (
-        "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
-        "os.killpg", "pty.spawn", "sys.remote_exec",
-    ):
+        if isinstance(path, int) or not ((mode and any(c in mode for c in "wax+")) or flags & WRITE_FLAGS):
+            return  # reading, or a descriptor already open
+        changed = [(path, None)]
+    elif event in _changes:
+        paths, dir_fds = _changes[event]
+        changed = [(args[i], args[dir_fds[n]] if dir_fds else None) for n, i in enumerate(paths)]
+        if event == "os.truncate" and isinstance(args[0], int):
+            return  # ftruncate needs a descriptor open for writing, which `open` checked
+    elif event in _refused or event.startswith("socket."):
         raise PermissionError(f"sandbox: {event} is not allowed in a grader")
+    elif event in ("ctypes.dlsym", "ctypes.dlsym/handle"):
+        name = args[1]
+        if (name.decode(errors="replace") if isinstance(name, bytes) else name) in _symbols:
+            raise PermissionError(f"sandbox: calling {name} through ctypes is not allowed in a grader")
+        return
+    elif event == "import" and args[0] == "_posixsubprocess":
+        raise PermissionError("sandbox: _posixsubprocess is not allowed in a grader")
     else:
         return
-    for path in check:
-        if isinstance(path, int):
-            continue  # an open descriptor: it was checked when it was opened
-        real = _realpath(_fsdecode(path))
+    for path, dir_fd in changed:
+        try:
+            real = _where(path, dir_fd)
+        except OSError:
+            real = "?"
         if real != "/dev/null" and not (real + "/").startswith(_scratch):
-            raise PermissionError(f"sandbox: writing to {_fsdecode(path)!r} is not allowed "
-                                  f"(only under {_scratch[:-1]})")
+            raise PermissionError(f"sandbox: changing {path!r} is not allowed (only under {_scratch[:-1]})")
 
 R.setrlimit(R.RLIMIT_AS, (limits["memory"], limits["memory"]))
 if setup["audit_hook"]:
