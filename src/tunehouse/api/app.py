@@ -11,6 +11,7 @@ from tunehouse import __version__, ids
 from tunehouse.api.chat.router import router as chat_router
 from tunehouse.api.completions.router import router as completions_router
 from tunehouse.api.errors import install_error_handlers
+from tunehouse.api.evals.router import router as evals_router
 from tunehouse.api.files.router import router as files_router
 from tunehouse.api.fine_tuning.router import router as fine_tuning_router
 from tunehouse.api.graders.router import router as graders_router
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
         usage_router,
         organization_router,
         permissions_router,
+        evals_router,
     ):
         app.include_router(router)
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from tunehouse.config import Settings
 from tunehouse.jobs.context import JobContext
+from tunehouse.jobs.eval_run import EvalRunKind
 from tunehouse.jobs.fine_tuning import FineTuning
 
 
@@ -34,7 +35,7 @@ class JobKind(Protocol):
         """The job ended (failed, cancelled): delete what its phases kept to resume from."""
 
 
-KINDS: dict[str, JobKind] = {kind.name: kind for kind in (FineTuning(),)}
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in (FineTuning(), EvalRunKind())}
 PHASES = ("validate", "train")
 
 

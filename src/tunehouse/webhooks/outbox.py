@@ -3,7 +3,8 @@
 `enqueue_job_event` is called in the transaction that gives a job its final status, so the event
 exists if and only if the status change does; the sender (webhooks/delivery.py) does the rest.
 Payload: OpenAI's webhook event, `{"id": "evt_…", "object": "event", "created_at", "type":
-"fine_tuning.job.succeeded|failed|cancelled", "data": {"id": "ftjob-…"}}`.
+"fine_tuning.job.succeeded|failed|cancelled", "data": {"id": "ftjob-…"}}`; an eval run (a job of
+kind "eval_run") ends with `eval.run.succeeded|failed|canceled` and `{"id": "evalrun_…"}`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,26 @@ from tunehouse.store.tables import Job, WebhookDelivery, WebhookEndpoint, now
 JOB_SUCCEEDED = "fine_tuning.job.succeeded"
 JOB_FAILED = "fine_tuning.job.failed"
 JOB_CANCELLED = "fine_tuning.job.cancelled"
-EVENT_TYPES = (JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
+EVAL_RUN_SUCCEEDED = "eval.run.succeeded"
+EVAL_RUN_FAILED = "eval.run.failed"
+EVAL_RUN_CANCELED = "eval.run.canceled"  # OpenAI's spelling, unlike fine_tuning.job.cancelled
+EVENT_TYPES = (
+    JOB_SUCCEEDED,
+    JOB_FAILED,
+    JOB_CANCELLED,
+    EVAL_RUN_SUCCEEDED,
+    EVAL_RUN_FAILED,
+    EVAL_RUN_CANCELED,
+)
+# The queue ends every kind of job alike (jobs/queue.py fails a job with JOB_FAILED): a job of
+# another kind announces its end under its own names.
+KIND_EVENTS = {
+    "eval_run": {
+        JOB_SUCCEEDED: EVAL_RUN_SUCCEEDED,
+        JOB_FAILED: EVAL_RUN_FAILED,
+        JOB_CANCELLED: EVAL_RUN_CANCELED,
+    }
+}
 
 
 def new_secret() -> str:
@@ -101,8 +121,11 @@ def enqueue_job_event(
 ) -> int:
     """Queue `event_type` for `job_id` to every endpoint of its organization that wants it, in the
     caller's transaction. Returns the number of deliveries queued."""
+    job = session.execute(select(Job.organization_id, Job.kind).where(Job.id == job_id)).first()
+    if job is not None:
+        event_type = KIND_EVENTS.get(job.kind, {}).get(event_type, event_type)
     if organization_id is None:
-        organization_id = session.scalar(select(Job.organization_id).where(Job.id == job_id))
+        organization_id = job.organization_id if job is not None else None
     endpoints = [
         e for e in list_endpoints(session, organization_id=organization_id) if event_type in e.events
     ]
