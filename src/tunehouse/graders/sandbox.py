@@ -61,7 +61,8 @@ DETAILS_LIMIT = 4096  # characters of a traceback kept in `details`
 # System folders the child sees (read-only); a symlink among them (merged /usr) stays a symlink.
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 
-Isolation = Literal["auto", "bwrap", "process"]
+# auto: bwrap, else unshare, else a plain process; the others force one (the tests use them).
+Isolation = Literal["auto", "bwrap", "unshare", "process"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ def check_source(source: str) -> str | None:
         tree = ast.parse(source, filename="<grader>")
         compile(tree, "<grader>", "exec", dont_inherit=True)
     except SyntaxError as e:
+        if e.lineno is None:  # null bytes, on some Python versions
+            return f"the source does not compile: {e.msg}"
         return f"syntax error at line {e.lineno}: {e.msg}"
     except (ValueError, RecursionError, MemoryError) as e:  # null bytes, absurd nesting
         return f"the source does not compile: {e}"
@@ -162,8 +165,7 @@ def _run(
                 argv += ["--seccomp", str(read_end)]
             argv += ["--", _python()]
         else:
-            # A network namespace at least, when bwrap is missing; none when asked for a plain process.
-            argv = [*(_unshare_prefix() if isolation == "auto" else ()), _python()]
+            argv = [*(UNSHARE if mode == "unshare" else ()), _python()]
             if program is not None:
                 setup["seccomp"] = program.hex()
             if os.geteuid() == 0:
@@ -300,8 +302,13 @@ def _parse(out: bytes) -> tuple[float | None, str | None, str | None, str] | Non
 def _died(returncode: int, usage: Any, err: bytes, limits: Limits, elapsed: float) -> SandboxResult:
     """No answer: the child died. Tell why from how it died (bwrap reports 128 + the signal)."""
     sig = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    # The kernel sends SIGXCPU at the soft CPU limit and SIGKILL a second later. Under bwrap the
+    # child's CPU time does not reach our rusage (its pid namespace's init reaps it), so a SIGKILL
+    # after the hard limit in wall-clock time counts as one too: with RLIMIT_AS set, the OOM
+    # killer is the only other sender, and rarely.
+    soft = max(1, math.ceil(limits.cpu_seconds))
     cpu = usage.ru_utime + usage.ru_stime
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= max(1, math.ceil(limits.cpu_seconds))):
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and (cpu >= soft or elapsed >= soft + 1)):
         return SandboxResult(
             None, "timeout", f"grade() used more than {limits.cpu_seconds:g} s of CPU time", elapsed
         )
@@ -331,19 +338,29 @@ def _warn_once(key: str, message: str) -> None:
     log.warning(message)
 
 
-def _choose(isolation: Isolation) -> Literal["bwrap", "process"]:
+def _choose(isolation: Isolation) -> Literal["bwrap", "unshare", "process"]:
     if isolation == "process":
         return "process"
-    problem = _bwrap_problem()
-    if problem is None:
-        return "bwrap"
-    if isolation == "bwrap":
-        raise RuntimeError(f"bubblewrap is not usable here: {problem}")
+    if isolation in ("auto", "bwrap"):
+        problem = _bwrap_problem()
+        if problem is None:
+            return "bwrap"
+        if isolation == "bwrap":
+            raise RuntimeError(f"bubblewrap is not usable here: {problem}")
+        _warn_once(
+            "bwrap",
+            f"python graders run without bubblewrap ({problem}): the file system is not read-only "
+            "for them and they run as this user; seccomp, resource limits and the audit hook still "
+            "hold. Install bubblewrap (scripts/setup.sh does).",
+        )
+    if _unshare_problem() is None:
+        return "unshare"
+    if isolation == "unshare":
+        raise RuntimeError(f"unshare is not usable here: {_unshare_problem()}")
     _warn_once(
-        "bwrap",
-        f"python graders run without bubblewrap ({problem}): no namespaces and a writable view of the "
-        "file system; only seccomp, resource limits and the audit hook hold. Install bubblewrap "
-        "(scripts/setup.sh does).",
+        "unshare",
+        f"python graders run without a network namespace ({_unshare_problem()}); seccomp and the "
+        "audit hook still refuse sockets",
     )
     return "process"
 
@@ -363,18 +380,30 @@ def _bwrap_problem() -> str | None:
     return None
 
 
+# Not as root, a user namespace too (in which this user stays itself, with no capability outside).
+UNSHARE = (
+    "unshare",
+    *(() if os.geteuid() == 0 else ("--user", "--map-current-user")),
+    "--net",
+    "--ipc",
+    "--uts",
+    "--",
+)
+
+
 @lru_cache(maxsize=1)
-def _unshare_prefix() -> tuple[str, ...]:
-    """`unshare --net` for the plain-process mode, when this machine lets us make a namespace."""
-    prefix = ("unshare", "--net", "--ipc", "--uts", "--")
-    if shutil.which("unshare") is not None:
-        try:
-            if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0:
-                return prefix
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    _warn_once("unshare", "python graders run without a network namespace (unshare --net failed)")
-    return ()
+def _unshare_problem() -> str | None:
+    """None when `unshare` can make new network, ipc and uts namespaces here (root, or user
+    namespaces allowed); else why not."""
+    if shutil.which("unshare") is None:
+        return "unshare is not installed"
+    try:
+        done = subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unshare failed: {e}"
+    if done.returncode != 0:
+        return f"unshare failed: {done.stderr.decode('utf-8', 'replace').strip()[-500:]}"
+    return None
 
 
 def _python() -> str:
