@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# bubblewrap (bwrap): the sandbox that python graders run in (src/tunehouse/graders/sandbox.py).
+# Without it they still run, with fewer layers and a warning. Only root can install it.
+if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
+    || echo "setup.sh: could not install bubblewrap; python graders run with fewer layers" >&2
+fi
+
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091
