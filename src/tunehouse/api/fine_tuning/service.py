@@ -179,20 +179,19 @@ def _evaluation_options(
     ev = req.evaluation
     if ev.grader is not None and ev.eval_id is not None:
         raise InvalidRequest("Give evaluation.grader or evaluation.eval_id, not both.", param="evaluation")
-    specs: list[dict] = []
+    graders = []
     if ev.grader is not None:
-        specs = [parse_grader(ev.grader, param="evaluation.grader").spec]
+        graders = [parse_grader(ev.grader, param="evaluation.grader")]
     elif ev.eval_id is not None:
         row = session.scalar(scoped(Eval, principal).where(Eval.id == ev.eval_id))
         if row is None:
             raise NotFound(f"No eval found with id '{ev.eval_id}'.", param="evaluation.eval_id")
-        specs = list(row.testing_criteria)
-    for i, spec in enumerate(specs):
-        for model in grader_models(spec):
+        graders = [parse_grader(c, param="evaluation.eval_id") for c in row.testing_criteria]
+    for grader in graders:
+        for model, param in grader.models().items():
             if not is_base_model(settings, model) and usable_checkpoint(session, principal, model) is None:
-                raise ModelNotFound(
-                    model, param="evaluation.grader" if ev.grader else f"evaluation.eval_id[{i}]"
-                )
+                raise ModelNotFound(model, param=param)
+    specs = [grader.spec for grader in graders]
     if specs and not req.validation_file:
         raise InvalidRequest(
             "The grader scores the checkpoints on the validation file: give a validation_file.",
@@ -204,14 +203,6 @@ def _evaluation_options(
             param="evaluation.select_checkpoint",
         )
     return {"graders": specs, "select_checkpoint": ev.select_checkpoint, "general_checks": ev.general_checks}
-
-
-def grader_models(spec: dict) -> list[str]:
-    """The models a grader samples (score_model, label_model, and those inside a multi)."""
-    models = [spec["model"]] if isinstance(spec.get("model"), str) else []
-    for sub in (spec.get("graders") or {}).values() if isinstance(spec.get("graders"), dict) else []:
-        models += grader_models(sub)
-    return models
 
 
 def create_job(
