@@ -186,7 +186,11 @@ def _evaluation_options(
         row = session.scalar(scoped(Eval, principal).where(Eval.id == ev.eval_id))
         if row is None:
             raise NotFound(f"No eval found with id '{ev.eval_id}'.", param="evaluation.eval_id")
-        graders = [parse_grader(c, param="evaluation.eval_id") for c in row.testing_criteria]
+        # Stored criteria carry the id the eval gave them; the grader itself is the rest.
+        graders = [
+            parse_grader({k: v for k, v in c.items() if k != "id"}, param="evaluation.eval_id")
+            for c in row.testing_criteria
+        ]
     for grader in graders:
         for model, param in grader.models().items():
             if not is_base_model(settings, model) and usable_checkpoint(session, principal, model) is None:
