@@ -168,8 +168,6 @@ def _run(
             argv = [*(UNSHARE if mode == "unshare" else ()), _python()]
             if program is not None:
                 setup["seccomp"] = program.hex()
-            if os.geteuid() == 0:
-                os.chmod(scratch, 0o777)  # the child may not be root; it is alone in this folder
         argv += ["-I", "-S", "-c", BOOTSTRAP]
         payload = (json.dumps(setup) + "\n" + request).encode()
         result = _execute(argv, payload, scratch, pass_fds, limits, start)
