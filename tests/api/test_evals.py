@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.api.conftest import LiveServer, create_tenant_key
+from tests.conftest import TINY_MODEL
 from tests.evals.spec import check
 
 ITEM_SCHEMA = {
@@ -311,3 +312,246 @@ def test_jsonl_run_with_a_file(live):
         json={"data_source": {"type": "jsonl", "source": {"type": "file_id", "id": ft.id}}},
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_file_purpose"
+
+
+# --------------------------------------------------------------------------------------------------
+# completions runs: the run's model answers each item
+
+
+SYSTEM = "You grade arithmetic for the evals test."  # unique: no other test's prompt shares its start
+
+
+def template(question: str = "{{item.question}}") -> list[dict]:
+    return [{"role": "developer", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+def completions_source(content: list[dict], *, max_tokens: int = 6, **kw) -> dict:
+    return {
+        "type": "completions",
+        "model": TINY_MODEL,
+        "input_messages": kw.pop("input_messages", {"type": "template", "template": template()}),
+        "sampling_params": {"temperature": 0, "max_completion_tokens": max_tokens, "seed": 7},
+        "source": {"type": "file_content", "content": content},
+        **kw,
+    }
+
+
+def test_completions_run_generates_grades_and_meters(live):
+    key, project_id = create_tenant_key(live.settings, org="evals-org", project="completions")
+    admin, _ = create_tenant_key(live.settings, org="evals-org")
+    client = live.client(key)
+    asked = {
+        "type": "string_check",
+        "name": "asked",
+        "input": "{{item.question}}",
+        "reference": "What",
+        "operation": "like",
+    }
+    ev = make_eval(client, criteria=(EXACT, asked))
+    # Greedy, one item: the run answers exactly what chat completions answers for the same messages.
+    chat = live.client(admin).chat.completions.create(
+        model=TINY_MODEL,
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 0 + 0?"}],
+        temperature=0,
+        max_completion_tokens=6,
+    )
+    expected = chat.choices[0].message.content
+    one = client.evals.runs.create(
+        ev.id,
+        data_source=completions_source([{"item": {"question": "What is 0 + 0?", "answer": expected}}]),
+    )
+    assert one.status == "queued" and one.model == TINY_MODEL and one.name == TINY_MODEL
+    one = wait_run(client, ev.id, one.id)
+    assert one.status == "completed", one.error
+    (item,) = client.evals.runs.output_items.list(one.id, eval_id=ev.id).data
+    assert item.sample.output[0].content == expected, item.sample
+    assert item.status == "pass" and [r.passed for r in item.results] == [True, True]
+    assert item.sample.usage.prompt_tokens == chat.usage.prompt_tokens
+    assert item.sample.usage.completion_tokens == chat.usage.completion_tokens
+    assert [m.model_dump() for m in item.sample.input] == [
+        {"role": "developer", "content": SYSTEM},
+        {"role": "user", "content": "What is 0 + 0?"},
+    ]
+
+    # Several items, their messages taken from the item itself (item_reference).
+    n = 4
+    content = [
+        {
+            "item": {
+                "question": f"What is {i} + {i}?",
+                "answer": "never said",
+                "messages": [{"role": "user", "content": f"What is {i} + {i}?"}],
+            }
+        }
+        for i in range(n)
+    ]
+    many = client.evals.runs.create(
+        ev.id,
+        data_source=completions_source(
+            content, input_messages={"type": "item_reference", "item_reference": "item.messages"}
+        ),
+    )
+    many = wait_run(client, ev.id, many.id)
+    assert many.status == "completed", many.error
+    body = raw(live, key, "GET", f"/v1/evals/{ev.id}/runs/{many.id}").json()
+    check(body, "EvalRun")
+    assert body["result_counts"] == {"total": n, "errored": 0, "failed": n, "passed": 0}
+    assert [r["passed"] for r in body["per_testing_criteria_results"]] == [0, n]
+    items = raw(live, key, "GET", f"/v1/evals/{ev.id}/runs/{many.id}/output_items").json()
+    check(items, "EvalRunOutputItemList")
+    (usage,) = body["per_model_usage"]
+    assert usage["model_name"] == TINY_MODEL and usage["invocation_count"] == n
+    assert usage["prompt_tokens"] == sum(it["sample"]["usage"]["prompt_tokens"] for it in items["data"])
+    assert usage["completion_tokens"] == sum(
+        it["sample"]["usage"]["completion_tokens"] for it in items["data"]
+    )
+    assert 0 < usage["completion_tokens"] <= 6 * n
+    for it in items["data"]:
+        i = it["datasource_item_id"]
+        assert it["sample"]["input"] == [{"role": "user", "content": f"What is {i} + {i}?"}]
+        assert it["sample"]["model"] == TINY_MODEL and it["sample"]["temperature"] == 0
+        assert it["sample"]["max_completion_tokens"] == 6 and it["sample"]["seed"] == 7
+
+    # Generated tokens are metered as inference of the run's model, for the eval's project.
+    day = int(time.time()) // 86400 * 86400
+    usage_page = raw(
+        live,
+        admin,
+        "GET",
+        "/v1/organization/usage/completions",
+        params={"start_time": day, "project_ids": project_id, "group_by": "model"},
+    ).json()
+    (metered,) = usage_page["data"][-1]["results"]
+    first_usage = one.per_model_usage[0]
+    assert metered["model"] == TINY_MODEL and metered["num_model_requests"] == n + 1
+    assert metered["input_tokens"] == usage["prompt_tokens"] + first_usage.prompt_tokens
+    assert metered["output_tokens"] == usage["completion_tokens"] + first_usage.completion_tokens
+
+
+BAD_RUNS = [
+    ("no data source", {}, "data_source"),
+    (
+        "responses",
+        {"type": "responses", "source": {"type": "file_content", "content": []}},
+        "data_source.type",
+    ),
+    ("unknown type", {"type": "batch"}, "data_source.type"),
+    ("no source", {"type": "jsonl"}, "data_source.source"),
+    (
+        "empty content",
+        {"type": "jsonl", "source": {"type": "file_content", "content": []}},
+        "data_source.source.content",
+    ),
+    (
+        "stored completions",
+        {"type": "completions", "model": TINY_MODEL, "source": {"type": "stored_completions"}},
+        "data_source.source.type",
+    ),
+    (
+        "missing file",
+        {"type": "jsonl", "source": {"type": "file_id", "id": "file-nope"}},
+        "data_source.source.id",
+    ),
+    (
+        "item breaks the schema",
+        {
+            "type": "jsonl",
+            "source": {"type": "file_content", "content": [*rows(2), {"item": {"question": 1}}]},
+        },
+        "data_source.source.content[2]",
+    ),
+    (
+        "no sample to grade",
+        {
+            "type": "jsonl",
+            "source": {"type": "file_content", "content": [{"item": {"question": "q", "answer": "a"}}]},
+        },
+        "data_source.source.content[0]",
+    ),
+    ("no model", {**completions_source(rows(1)), "model": None}, "data_source.model"),
+    ("unknown model", {**completions_source(rows(1)), "model": "no-such-model"}, "data_source.model"),
+    (
+        "template reads a missing field",
+        completions_source(
+            rows(1), input_messages={"type": "template", "template": template("{{item.nope}}")}
+        ),
+        "data_source.source.content[0]",
+    ),
+    (
+        "template reads the sample",
+        completions_source(
+            rows(1), input_messages={"type": "template", "template": template("{{sample.output_text}}")}
+        ),
+        "data_source.input_messages.template[1].content",
+    ),
+    (
+        "image content",
+        completions_source(
+            rows(1),
+            input_messages={
+                "type": "template",
+                "template": [
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}
+                ],
+            },
+        ),
+        "data_source.input_messages.template[0].content[0].type",
+    ),
+    (
+        "tools",
+        {
+            **completions_source(rows(1)),
+            "sampling_params": {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        },
+        "data_source.sampling_params.tools",
+    ),
+    (
+        "bad temperature",
+        {**completions_source(rows(1)), "sampling_params": {"temperature": 3}},
+        "data_source.sampling_params.temperature",
+    ),
+    (
+        "bad response format",
+        {**completions_source(rows(1)), "sampling_params": {"response_format": {"type": "yaml"}}},
+        "data_source.sampling_params.response_format",
+    ),
+]
+
+
+@pytest.mark.one_database
+@pytest.mark.parametrize("case", BAD_RUNS, ids=[c[0] for c in BAD_RUNS])
+def test_bad_run_is_refused_before_anything_runs(live, case):
+    name, data_source, param = case
+    key = new_project(live, "bad-runs")
+    client = live.client(key)
+    ev = make_eval(client)
+    body = {"data_source": {k: v for k, v in data_source.items() if v is not None}} if data_source else {}
+    r = raw(live, key, "POST", f"/v1/evals/{ev.id}/runs", json=body)
+    assert r.status_code in (400, 404), r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert err["message"]
+    assert list(client.evals.runs.list(ev.id)) == []  # nothing was created
+
+
+@pytest.mark.one_database
+def test_every_bad_item_is_reported_at_once(live):
+    key = new_project(live, "bad-items")
+    content = rows(30)
+    for i in (3, 17, 25):
+        content[i]["item"]["answer"] = i  # not a string
+    content[9]["sample"] = {"text": "no output_text"}
+    client = live.client(key)
+    ev = make_eval(client)
+    r = raw(
+        live,
+        key,
+        "POST",
+        f"/v1/evals/{ev.id}/runs",
+        json={"data_source": {"type": "jsonl", "source": {"type": "file_content", "content": content}}},
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "data_source.source.content[3]"
+    for where in ("content[3]", "content[9]", "content[17]", "content[25]"):
+        assert where in err["message"], err["message"]

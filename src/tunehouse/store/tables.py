@@ -28,6 +28,10 @@ def now() -> int:
     return int(time.time())
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -363,7 +367,9 @@ class Eval(Base):
     testing_criteria: Mapped[list[Any]] = mapped_column(JSON)  # grader objects, each with its `id`
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # Milliseconds (not on the wire; it orders the list by last update, and two updates a second
+    # apart would tie in seconds).
+    updated_at: Mapped[int] = mapped_column(BigInteger, default=now_ms)
 
 
 class EvalRun(Base):

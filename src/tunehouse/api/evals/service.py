@@ -59,7 +59,7 @@ from tunehouse.jobs.events import add_event
 from tunehouse.jobs.queue import gpus_for
 from tunehouse.store import files
 from tunehouse.store import job_status as st
-from tunehouse.store.tables import Eval, EvalOutputItem, EvalRun, Job, now
+from tunehouse.store.tables import Eval, EvalOutputItem, EvalRun, Job, now, now_ms
 from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import scoped
 from tunehouse.usage.quotas import check_concurrent_jobs, effective_quotas
@@ -116,7 +116,7 @@ def create_eval(session: Session, *, principal: Principal, req: CreateEvalReques
         testing_criteria=criteria,
         metadata_=req.metadata,
         created_at=created,
-        updated_at=created,
+        updated_at=now_ms(),
     )
     session.add(row)
     session.commit()
@@ -170,7 +170,7 @@ def update_eval(session: Session, *, principal: Principal, eval_id: str, req: Up
         row.name = req.name
     if "metadata" in req.model_fields_set:
         row.metadata_ = req.metadata
-    row.updated_at = now()
+    row.updated_at = now_ms()
     session.commit()
     return eval_to_wire(row)
 
