@@ -4,6 +4,7 @@ is meant to stop it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tunehouse.graders import sandbox
 from tunehouse.graders.sandbox import (
     Limits,
     SandboxResult,
@@ -191,11 +193,13 @@ def test_the_scratch_folder_holds_only_so_much():
 import os
 def grade(sample, item):
     with open(os.path.join(os.getcwd(), "big"), "wb") as f:
-        f.write(b"x" * (200 * 1024 * 1024))
+        for _ in range(100):
+            f.write(b"x" * 1024 * 1024)
     return 1
 """
     result = run(source)
-    assert result.error_type in ("runtime", "memory"), result
+    assert result.error_type == "runtime", result
+    assert "File too large" in result.details or "No space left" in result.details
 
 
 # --- escapes: each must fail with all layers, and with each layer meant to stop it alone ----------
@@ -354,6 +358,27 @@ def test_without_any_layer_these_escapes_succeed(listener, tmp_path):
         assert _run(source, {}, item, limits=LIMITS, **NONE).score == 1.0
     assert connected(listener)
     assert target.read_text() == "escaped"
+
+
+def test_a_missing_layer_is_logged_once_and_the_rest_still_hold(monkeypatch, caplog, listener):
+    """Where neither bwrap nor unshare can be found, graders still run, with a warning each, once."""
+    probes = (sandbox._bwrap_problem, sandbox._unshare_problem)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sandbox, "_warned", set())
+    for probe in probes:
+        probe.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
+            assert run("def grade(sample, item):\n    return 1\n").score == 1.0
+            blocked = run(CONNECT, item={"port": listener.getsockname()[1]})
+    finally:
+        for probe in probes:
+            probe.cache_clear()
+    assert blocked.error_type == "runtime" and not connected(listener)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert "without bubblewrap (bwrap is not installed)" in warnings[0]
+    assert "without a network namespace (unshare is not installed)" in warnings[1]
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="CI installs bubblewrap through scripts/setup.sh")

@@ -5,20 +5,22 @@ Layers, each of which holds on its own (tests/graders/test_sandbox.py checks eve
 each layer alone, and all together):
 
 1. bubblewrap (`bwrap`, the Debian package scripts/setup.sh installs): new network, pid, ipc and uts
-   namespaces, and a file system of read-only binds of the system folders and of this Python only
-   (not /work, /root, the server's home or its data) with a small tmpfs at /tmp as the only writable
-   place. As root, bwrap runs privileged and keeps only CAP_SETUID/CAP_SETGID, which the child uses
+   namespaces, and a file system of read-only binds of the system folders, this Python and its
+   site-packages, and nothing else (not the project, /root, the server's home or its data), with a
+   small tmpfs at /tmp as the only writable place. As root, bwrap runs privileged and keeps only CAP_SETUID/CAP_SETGID, which the child uses
    to become `nobody` before it reads the user's code: file permissions then apply, and so does
    RLIMIT_NPROC (the kernel exempts uid 0 from it, even inside a user namespace). Not as root, bwrap
    makes a user namespace instead.
 2. seccomp (libseccomp through ctypes, compiled once here, loaded by bwrap or by the child): fork,
    vfork, clone of anything but a thread, sockets other than AF_UNIX, io_uring, ptrace, mount,
    unshare and setns fail with EPERM.
-3. resource limits set by the child: CPU seconds, address space, no new processes, file size, open
-   files, no core dumps; and a wall-clock deadline here, after which the process group is killed.
+3. resource limits set by the child: CPU seconds, address space, no new processes (nor threads:
+   graders run single-threaded), file size, open files, no core dumps; and a wall-clock deadline
+   here, after which the process group is killed.
 4. an audit hook (sys.addaudithook) installed before the user's code runs: sockets, subprocesses,
-   fork/exec/spawn/kill, ctypes, rlimit changes and writes outside the scratch folder raise
-   PermissionError. Python code can sometimes get around audit hooks, so this is the last line.
+   fork/exec/spawn/kill, looking up such C functions through ctypes, rlimit changes and writes
+   outside the scratch folder raise PermissionError. Python code can sometimes get around audit
+   hooks, so this is the last line.
 
 Without bwrap the child runs as a plain process (in a new network namespace when `unshare` works),
 and each missing layer is logged once as a warning.
