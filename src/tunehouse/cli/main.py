@@ -1,4 +1,4 @@
-"""The `tunehouse` command: serve, worker, keys, data, chat, demo."""
+"""The `tunehouse` command: serve, worker, keys, data, eval, chat, demo."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from tunehouse.cli.data import data_app
+from tunehouse.cli.evals import eval_cmd
 from tunehouse.cli.export import export_cmd
 from tunehouse.cli.tenancy import audit_cmd, keys_app, orgs_app, projects_app
 from tunehouse.cli.usage import quotas_app, usage_cmd, webhooks_app
@@ -23,6 +24,7 @@ app.add_typer(projects_app, name="projects")
 app.command("audit")(audit_cmd)
 app.add_typer(data_app, name="data")
 app.command("export")(export_cmd)
+app.command("eval")(eval_cmd)
 app.add_typer(quotas_app, name="quotas")
 app.add_typer(webhooks_app, name="webhooks")
 app.command("usage")(usage_cmd)
