@@ -13,62 +13,8 @@ import pytest
 
 from tests.api.conftest import LiveServer, create_tenant_key
 from tests.conftest import TINY_MODEL
+from tests.evals.common import EXACT, FUZZY, ITEM_SCHEMA, N_ROWS, SYSTEM, answer, make_eval, rows, wait_run
 from tests.evals.spec import check
-
-ITEM_SCHEMA = {
-    "type": "object",
-    "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
-    "required": ["question", "answer"],
-}
-EXACT = {
-    "type": "string_check",
-    "name": "exact",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.answer}}",
-    "operation": "eq",
-}
-FUZZY = {
-    "type": "text_similarity",
-    "name": "close",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.answer}}",
-    "evaluation_metric": "fuzzy_match",
-    "pass_threshold": 0.8,
-}
-# Item i's answer is "<2i>0000"; its given sample is right for i % 3 == 0, nearly right (one extra
-# character: the fuzzy criterion passes, the exact one fails) for i % 3 == 1, wrong for i % 3 == 2.
-N_ROWS = 9
-
-
-def answer(i: int) -> str:
-    return [f"{2 * i}0000", f"{2 * i}0000.", "nope"][i % 3]
-
-
-def rows(n: int = N_ROWS) -> list[dict]:
-    return [
-        {
-            "item": {"question": f"What is {i} + {i}?", "answer": f"{2 * i}0000"},
-            "sample": {"output_text": answer(i)},
-        }
-        for i in range(n)
-    ]
-
-
-def wait_run(
-    client: openai.OpenAI,
-    eval_id: str,
-    run_id: str,
-    *,
-    until=("completed", "failed", "canceled"),
-    timeout=240,
-):
-    deadline = time.time() + timeout
-    while True:
-        run = client.evals.runs.retrieve(run_id, eval_id=eval_id)
-        if run.status in until:
-            return run
-        assert time.time() < deadline, f"run {run_id} still {run.status} after {timeout}s"
-        time.sleep(0.2)
 
 
 def raw(live: LiveServer, key: str, method: str, path: str, **kw):
@@ -78,15 +24,6 @@ def raw(live: LiveServer, key: str, method: str, path: str, **kw):
 def new_project(live: LiveServer, name: str, role: str = "owner") -> str:
     key, _ = create_tenant_key(live.settings, org="evals-org", project=name, role=role)
     return key
-
-
-def make_eval(client: openai.OpenAI, criteria=(EXACT, FUZZY), **kw):
-    return client.evals.create(
-        name=kw.pop("name", "arithmetic"),
-        data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA, "include_sample_schema": True},
-        testing_criteria=list(criteria),
-        **kw,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -316,9 +253,6 @@ def test_jsonl_run_with_a_file(live):
 
 # --------------------------------------------------------------------------------------------------
 # completions runs: the run's model answers each item
-
-
-SYSTEM = "You grade arithmetic for the evals test."  # unique: no other test's prompt shares its start
 
 
 def template(question: str = "{{item.question}}") -> list[dict]:
