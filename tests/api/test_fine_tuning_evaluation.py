@@ -7,7 +7,7 @@ measured, stored where the wire shows them, and that the choice follows them."""
 import openai
 import pytest
 
-from tests.api.conftest import arithmetic_lines, wait_for_job, write_jsonl
+from tests.api.conftest import arithmetic_lines, create_org_key, wait_for_job, write_jsonl
 from tests.conftest import TINY_MODEL
 
 FUZZY = {
@@ -145,3 +145,40 @@ def test_a_grader_needs_a_validation_file(shared_server, tmp_path):
             model=TINY_MODEL, training_file=train.id, extra_body={"evaluation": {"grader": FUZZY}}
         )
     assert e.value.body["param"] == "validation_file"
+
+
+@pytest.mark.one_database
+def test_an_evals_criteria_score_the_checkpoints(shared_server, tmp_path):
+    client = shared_server.client()
+    ev = client.evals.create(
+        name="answers",
+        data_source_config={
+            "type": "custom",
+            "item_schema": {"type": "object"},
+            "include_sample_schema": True,
+        },
+        testing_criteria=[{**FUZZY, "pass_threshold": 0.5}],
+    )
+    train = client.files.create(
+        file=write_jsonl(tmp_path / "t.jsonl", arithmetic_lines(12)).open("rb"), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=train.id,
+        validation_file=train.id,
+        extra_body={"evaluation": {"eval_id": ev.id, "select_checkpoint": "best"}},
+    )
+    client.fine_tuning.jobs.cancel(job.id)
+    # Another organization cannot use this eval.
+    other = shared_server.client(create_org_key(shared_server.settings, "evaluation-other-org"))
+    own = other.files.create(
+        file=write_jsonl(tmp_path / "o.jsonl", arithmetic_lines(12)).open("rb"), purpose="fine-tune"
+    )
+    with pytest.raises(openai.NotFoundError) as e:
+        other.fine_tuning.jobs.create(
+            model=TINY_MODEL,
+            training_file=own.id,
+            validation_file=own.id,
+            extra_body={"evaluation": {"eval_id": ev.id}},
+        )
+    assert e.value.body["param"] == "evaluation.eval_id"
