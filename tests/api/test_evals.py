@@ -489,3 +489,133 @@ def test_every_bad_item_is_reported_at_once(live):
     assert err["param"] == "data_source.source.content[3]"
     for where in ("content[3]", "content[9]", "content[17]", "content[25]"):
         assert where in err["message"], err["message"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Isolation: evals, runs and output items belong to a project, like files and jobs
+
+
+@pytest.fixture(scope="module")
+def victim(live):
+    """Project p1 of organization iso-a: an eval, a finished run, its items, and an evals file."""
+    s = live.settings
+    key, _ = create_tenant_key(s, org="iso-a", project="p1", role="member")
+    client = live.client(key)
+    ev = make_eval(client, metadata={"secret": "yes"})
+    run = client.evals.runs.create(
+        ev.id, data_source={"type": "jsonl", "source": {"type": "file_content", "content": rows(3)}}
+    )
+    run = wait_run(client, ev.id, run.id)
+    assert run.status == "completed", run.error
+    item = client.evals.runs.output_items.list(run.id, eval_id=ev.id).data[0]
+    data = ("\n".join(json.dumps(r) for r in rows(2)) + "\n").encode()
+    f = client.files.create(file=("items.jsonl", io.BytesIO(data)), purpose="evals")
+    attackers = {
+        "other organization's admin": create_tenant_key(s, org="iso-b")[0],
+        "other organization's member": create_tenant_key(s, org="iso-b", project="b1", role="member")[0],
+        "same organization, other project": create_tenant_key(s, org="iso-a", project="p2", role="member")[0],
+    }
+    return {"key": key, "eval": ev.id, "run": run.id, "item": item.id, "file": f.id, "attackers": attackers}
+
+
+ISOLATED = [
+    ("get eval", "GET", "/v1/evals/{eval}", None),
+    ("update eval", "POST", "/v1/evals/{eval}", {"name": "mine"}),
+    ("delete eval", "DELETE", "/v1/evals/{eval}", None),
+    ("list runs", "GET", "/v1/evals/{eval}/runs", None),
+    (
+        "create run",
+        "POST",
+        "/v1/evals/{eval}/runs",
+        {"data_source": {"type": "jsonl", "source": {"type": "file_content", "content": rows(1)}}},
+    ),
+    ("get run", "GET", "/v1/evals/{eval}/runs/{run}", None),
+    ("cancel run", "POST", "/v1/evals/{eval}/runs/{run}", None),
+    ("cancel run (SDK path)", "POST", "/v1/evals/{eval}/runs/{run}/cancel", None),
+    ("delete run", "DELETE", "/v1/evals/{eval}/runs/{run}", None),
+    ("list items", "GET", "/v1/evals/{eval}/runs/{run}/output_items", None),
+    ("get item", "GET", "/v1/evals/{eval}/runs/{run}/output_items/{item}", None),
+]
+
+
+@pytest.mark.one_database
+@pytest.mark.parametrize(
+    "attacker",
+    ["other organization's admin", "other organization's member", "same organization, other project"],
+)
+@pytest.mark.parametrize("endpoint", ISOLATED, ids=[e[0] for e in ISOLATED])
+def test_other_tenants_get_404(live, victim, endpoint, attacker):
+    name, method, path, body = endpoint
+    url = path.format(**victim)
+    r = raw(live, victim["attackers"][attacker], method, url, json=body)
+    assert r.status_code == 404, (name, r.status_code, r.text)
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # The answer for an object that does not exist: nothing of it beyond what the caller sent.
+    for secret in ("secret", victim["eval"], victim["run"], victim["item"]):
+        assert secret in url or secret not in r.text, secret
+
+
+@pytest.mark.one_database
+@pytest.mark.parametrize(
+    "attacker",
+    ["other organization's admin", "other organization's member", "same organization, other project"],
+)
+def test_other_tenants_neither_list_nor_use_them(live, victim, attacker):
+    key = victim["attackers"][attacker]
+    assert victim["eval"] not in raw(live, key, "GET", "/v1/evals").text
+    own = make_eval(live.client(key))
+    # The victim's file cannot feed the attacker's own run.
+    r = raw(
+        live,
+        key,
+        "POST",
+        f"/v1/evals/{own.id}/runs",
+        json={"data_source": {"type": "jsonl", "source": {"type": "file_id", "id": victim["file"]}}},
+    )
+    assert r.status_code == 404 and r.json()["error"]["param"] == "data_source.source.id"
+    # A run of their own eval is not found under the victim's eval, nor the victim's under theirs.
+    assert raw(live, key, "GET", f"/v1/evals/{own.id}/runs/{victim['run']}").status_code == 404
+
+
+@pytest.mark.one_database
+def test_the_owner_and_its_organization_admin_still_see_everything(live, victim):
+    client = live.client(victim["key"])
+    ev = client.evals.retrieve(victim["eval"])
+    assert ev.name == "arithmetic" and ev.metadata == {"secret": "yes"}
+    run = client.evals.runs.retrieve(victim["run"], eval_id=victim["eval"])
+    assert run.status == "completed" and run.result_counts.total == 3
+    assert len(client.evals.runs.output_items.list(victim["run"], eval_id=victim["eval"]).data) == 3
+    admin, _ = create_tenant_key(live.settings, org="iso-a")
+    assert victim["eval"] in [e.id for e in live.client(admin).evals.list()]
+
+
+def test_deleting_a_project_deletes_its_evals_runs_and_items(live):
+    from sqlalchemy import select
+
+    from tunehouse.store.engine import Database
+    from tunehouse.store.tables import Eval, EvalOutputItem, EvalRun, Job
+
+    s = live.settings
+    key, project_id = create_tenant_key(s, org="doomed-org", project="doomed")
+    admin, _ = create_tenant_key(s, org="doomed-org")
+    client = live.client(key)
+    ev = make_eval(client)
+    run = client.evals.runs.create(
+        ev.id, data_source={"type": "jsonl", "source": {"type": "file_content", "content": rows(3)}}
+    )
+    assert wait_run(client, ev.id, run.id).status == "completed"
+    d = raw(live, admin, "DELETE", f"/v1/organization/projects/{project_id}").json()
+    assert d["deleted"]
+    db = Database(s.db_url)
+    try:
+        with db.session() as session:
+            assert session.scalar(select(Eval.id).where(Eval.id == ev.id)) is None
+            assert session.scalar(select(EvalRun.id).where(EvalRun.id == run.id)) is None
+            assert session.scalar(select(EvalOutputItem.id).where(EvalOutputItem.run_id == run.id)) is None
+            assert session.scalar(select(Job.id).where(Job.id == run.id)) is None
+    finally:
+        db.dispose()
+    audit = raw(
+        live, admin, "GET", "/v1/organization/audit_logs", params={"event_types[]": "project.deleted"}
+    ).json()
+    assert audit["data"][0]["project.deleted"]["data"]["evals"] == 1

@@ -26,6 +26,9 @@ from tunehouse.store.tables import (
     ApiKey,
     Checkpoint,
     CheckpointPermission,
+    Eval,
+    EvalOutputItem,
+    EvalRun,
     File,
     Job,
     Organization,
@@ -65,6 +68,7 @@ class Deleted:
     checkpoints: int = 0
     keys: int = 0
     projects: int = 0
+    evals: int = 0  # its runs are jobs (counted in `jobs`), its output items go with them
     blob_keys: list[str] = field(default_factory=list)
 
 
@@ -80,6 +84,17 @@ def _cancel_active(db: Database, job_filter) -> None:
         )
         for job_id in active:
             add_event(s, job_id, "Fine-tuning job cancelled: its project or organization is being deleted")
+
+
+def _delete_evals(session, eval_filter) -> int:
+    """Evals, their runs and the runs' output items (the runs' jobs go with the other jobs)."""
+    eval_ids = list(session.scalars(select(Eval.id).where(eval_filter)))
+    if eval_ids:
+        runs = select(EvalRun.id).where(EvalRun.eval_id.in_(eval_ids))
+        session.execute(delete(EvalOutputItem).where(EvalOutputItem.run_id.in_(runs)))
+        session.execute(delete(EvalRun).where(EvalRun.eval_id.in_(eval_ids)))
+        session.execute(delete(Eval).where(Eval.id.in_(eval_ids)))
+    return len(eval_ids)
 
 
 def _delete_bytes(
@@ -142,6 +157,9 @@ def delete_project(
             )
         )
         s.execute(delete(Checkpoint).where(Checkpoint.id.in_(ckpt_ids)))
+        out.evals = _delete_evals(
+            s, (Eval.organization_id == organization_id) & (Eval.project_id == project_id)
+        )
         s.execute(delete(Job).where(Job.id.in_(job_ids)))  # events go with them (ON DELETE CASCADE)
         s.execute(delete(File).where(File.id.in_([f.id for f in files])))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.project_id == project_id)).rowcount
@@ -158,6 +176,7 @@ def delete_project(
                 "files": out.files,
                 "jobs": out.jobs,
                 "checkpoints": out.checkpoints,
+                "evals": out.evals,
                 "api_keys": out.keys,
             },
         )
@@ -203,6 +222,7 @@ def delete_organization(
             )
         )
         s.execute(delete(Checkpoint).where(Checkpoint.organization_id == organization_id))
+        out.evals = _delete_evals(s, Eval.organization_id == organization_id)
         s.execute(delete(Job).where(Job.organization_id == organization_id))
         s.execute(delete(File).where(File.organization_id == organization_id))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.organization_id == organization_id)).rowcount
@@ -220,6 +240,7 @@ def delete_organization(
                 "files": out.files,
                 "jobs": out.jobs,
                 "checkpoints": out.checkpoints,
+                "evals": out.evals,
                 "api_keys": out.keys,
             },
         )
