@@ -619,3 +619,87 @@ def test_deleting_a_project_deletes_its_evals_runs_and_items(live):
         live, admin, "GET", "/v1/organization/audit_logs", params={"event_types[]": "project.deleted"}
     ).json()
     assert audit["data"][0]["project.deleted"]["data"]["evals"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Model graders: the criteria's models answer too, through the run's engine
+
+
+def test_model_graders_sample_their_model_and_are_counted(live):
+    key = new_project(live, "model-graders")
+    client = live.client(key)
+    judge = [
+        {"role": "system", "content": "Grade the answer."},
+        {"role": "user", "content": "Question: {{item.question}}\nAnswer: {{sample.output_text}}"},
+    ]
+    score_model = {
+        "type": "score_model",
+        "name": "score",
+        "model": TINY_MODEL,
+        "input": judge,
+        "range": [0, 1],
+        "pass_threshold": 0.5,
+        "sampling_params": {"temperature": 0, "seed": 1},
+    }
+    ev = make_eval(
+        client,
+        criteria=(
+            score_model,
+            {
+                "type": "label_model",
+                "name": "label",
+                "model": TINY_MODEL,
+                "input": judge,
+                "labels": ["right", "wrong"],
+                "passing_labels": ["right"],
+            },
+        ),
+    )
+    n = 3
+    run = client.evals.runs.create(
+        ev.id, data_source={"type": "jsonl", "source": {"type": "file_content", "content": rows(n)}}
+    )
+    run = wait_run(client, ev.id, run.id)
+    assert run.status == "completed", run.error
+    assert run.result_counts.total == n and run.result_counts.errored == 0, run.result_counts
+    (usage,) = run.per_model_usage  # only the graders sampled (the samples were given)
+    assert usage.model_name == TINY_MODEL and usage.invocation_count == 2 * n
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    for item in client.evals.runs.output_items.list(run.id, eval_id=ev.id).data:
+        score, label = item.results
+        assert score.type == "score_model" and 0 <= score.score <= 1
+        assert score.passed == (score.score >= 0.5)
+        assert label.type == "label_model" and label.model_extra["label"] in ("right", "wrong")
+        assert label.passed == (label.model_extra["label"] == "right")
+
+    # A criterion's model must be usable by the caller's project when the run is created.
+    other = make_eval(client, criteria=({**score_model, "model": "no-such-model"},))
+    r = raw(
+        live,
+        key,
+        "POST",
+        f"/v1/evals/{other.id}/runs",
+        json={"data_source": {"type": "jsonl", "source": {"type": "file_content", "content": rows(1)}}},
+    )
+    assert r.status_code == 404 and r.json()["error"]["param"] == "testing_criteria[0].model", r.text
+
+
+@pytest.mark.one_database
+def test_python_criterion_grades_in_the_sandbox(live):
+    key = new_project(live, "python-grader")
+    client = live.client(key)
+    source = "def grade(sample, item):\n    return 1.0 if sample['output_text'] == item['answer'] else 0.25\n"
+    ev = make_eval(
+        client, criteria=({"type": "python", "name": "py", "source": source, "pass_threshold": 0.5},)
+    )
+    run = client.evals.runs.create(
+        ev.id, data_source={"type": "jsonl", "source": {"type": "file_content", "content": rows(6)}}
+    )
+    run = wait_run(client, ev.id, run.id)
+    assert run.status == "completed", run.error
+    assert run.result_counts.model_dump() == {"total": 6, "errored": 0, "failed": 4, "passed": 2}
+    scores = {
+        it.datasource_item_id: it.results[0].score
+        for it in client.evals.runs.output_items.list(run.id, eval_id=ev.id).data
+    }
+    assert scores == {i: 1.0 if i % 3 == 0 else 0.25 for i in range(6)}
