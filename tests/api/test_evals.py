@@ -703,3 +703,24 @@ def test_python_criterion_grades_in_the_sandbox(live):
         for it in client.evals.runs.output_items.list(run.id, eval_id=ev.id).data
     }
     assert scores == {i: 1.0 if i % 3 == 0 else 0.25 for i in range(6)}
+
+
+@pytest.mark.one_database
+def test_an_item_the_model_cannot_answer_is_an_errored_item(live):
+    key = new_project(live, "errored")
+    client = live.client(key)
+    ev = make_eval(client, criteria=(EXACT,))
+    too_long = " ".join(["word"] * 5000)  # past the tiny model's 2048-token context
+    content = [{"item": {"question": q, "answer": "-"}} for q in ("What is 1 + 1?", too_long)]
+    run = client.evals.runs.create(ev.id, data_source=completions_source(content))
+    run = wait_run(client, ev.id, run.id)
+    assert run.status == "completed", run.error
+    assert run.result_counts.model_dump() == {"total": 2, "errored": 1, "failed": 1, "passed": 0}
+    assert run.per_model_usage[0].invocation_count == 1  # the refused prompt cost nothing
+    body = raw(live, key, "GET", f"/v1/evals/{ev.id}/runs/{run.id}/output_items?status=error").json()
+    check(body, "EvalRunOutputItemList")
+    (item,) = body["data"]
+    assert item["datasource_item_id"] == 1 and item["results"] == []
+    assert item["sample"]["error"]["code"] == "generation_error"
+    assert "context length" in item["sample"]["error"]["message"]
+    assert item["sample"]["output"] == [] and item["sample"]["finish_reason"] == "error"

@@ -220,7 +220,9 @@ class Executor:
     # --- completions: the run's model answers each item ----------------------------------------------
     def generated(self, line: Line, messages: list[dict], result: GenResult, params: SamplingParams) -> None:
         model = self.run.model
-        usage = {model: usage_entry(result.prompt_tokens, result.completion_tokens)}
+        ran = result.error is None or result.prompt_tokens or result.completion_tokens
+        # A prompt the engine refused (too long for the context) cost nothing and is not counted.
+        usage = {model: usage_entry(result.prompt_tokens, result.completion_tokens)} if ran else {}
         wire = _generated_sample_wire(model, messages, result, params)
         if result.error is not None:
             graded = Graded([], ERROR, usage)
