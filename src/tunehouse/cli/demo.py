@@ -1,6 +1,8 @@
 """The main job, end to end over real HTTP: start a server, upload the example tickets data,
-fine-tune the embedded default model with live progress, then compare the fine-tuned model with
-its base on held-out prompts."""
+fine-tune the embedded default model with live progress (the job scores its checkpoints with the
+example eval's exact-JSON grader, keeps the best one and runs the forgetting and safety checks),
+then compare the fine-tuned model with its base on held-out prompts through one eval run each
+(`examples/tickets_eval.json`, OpenAI's Evals API)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tunehouse import ids
+from tunehouse.cli.evals import criterion_names
 from tunehouse.store.catalog import DEFAULT_MODEL
 
 
@@ -52,16 +55,27 @@ def _start_server(home: Path, port: int, key: str, console: Console) -> subproce
     raise RuntimeError("the server did not start within 180 s")
 
 
-def _answer(client, model: str, messages: list[dict]) -> str:
-    out = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=48)
-    return (out.choices[0].message.content or "").strip()
+def _plain_grader(criterion: dict) -> dict:
+    """An eval's testing criterion as a plain grader (a grader has no pass threshold)."""
+    return {k: v for k, v in criterion.items() if k != "pass_threshold"}
 
 
-def _parse(text: str):
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return None
+def _print_evaluation(evaluation: dict, console: Console) -> None:
+    """What the job measured: validation scores, the checkpoint it chose, the general checks."""
+    if "base_score" in evaluation:
+        chosen = evaluation.get("chosen") or {}
+        console.print(
+            f"validation score ({', '.join(evaluation['graders'])}): base {evaluation['base_score']:.2f}, "
+            f"fine-tuned {chosen.get('valid_score', float('nan')):.2f} (checkpoint of step {chosen.get('step')})"
+        )
+    for name in ("forgetting", "safety"):
+        check = evaluation.get(name)
+        if check:
+            verdict = "[yellow]clear drop[/]" if check["regressed"] else "no clear drop"
+            console.print(
+                f"{name} check: base {check['base']}/{check['n']}, fine-tuned {check['fine_tuned']}/{check['n']}"
+                f" ({verdict}{'; ' + check['note'] if check['note'] else ''})"
+            )
 
 
 def _follow(client, job_id: str, console: Console):
@@ -99,7 +113,9 @@ def _follow(client, job_id: str, console: Console):
 def run_demo(*, examples: Path, home: Path, hyperparameters: dict, console: Console) -> int:
     from openai import OpenAI
 
-    files = {k: examples / f"tickets_{k}.jsonl" for k in ("train", "valid", "heldout")}
+    files = {k: examples / f"tickets_{k}.jsonl" for k in ("train", "valid")}
+    files["items"] = examples / "tickets_heldout_items.jsonl"
+    files["eval"] = examples / "tickets_eval.json"
     for path in files.values():
         if not path.exists():
             console.print(f"[red]Missing {path}[/] (run from the repository root, or pass --examples)")
@@ -121,12 +137,17 @@ def run_demo(*, examples: Path, home: Path, hyperparameters: dict, console: Cons
             for k, v in hyperparameters.items()
         }
         t0 = time.time()
+        eval_spec = json.loads(files["eval"].read_text())
+        exact_json = eval_spec["eval"]["testing_criteria"][0]
         job = client.fine_tuning.jobs.create(
             model=DEFAULT_MODEL,
             training_file=train.id,
             validation_file=valid.id,
             suffix="tickets",
             method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+            # tunehouse extension: score every checkpoint and the base with the eval's grader on
+            # the validation file, and make the best checkpoint the model.
+            extra_body={"evaluation": {"grader": _plain_grader(exact_json), "select_checkpoint": "best"}},
         )
         console.print(f"Created job {job.id}")
         job = _follow(client, job.id, console)
@@ -138,27 +159,55 @@ def run_demo(*, examples: Path, home: Path, hyperparameters: dict, console: Cons
             f"[green]Fine-tuned model[/] {job.fine_tuned_model} in {wall:.0f} s "
             f"({job.trained_tokens} trained tokens, hyperparameters {job.hyperparameters.model_dump()})"
         )
+        _print_evaluation(job.model_extra.get("evaluation") or {}, console)
 
-        console.rule("held-out prompts: base vs fine-tuned (greedy)")
+        console.rule("held-out prompts: base vs fine-tuned, one eval run each (greedy)")
+        heldout = [json.loads(line) for line in files["items"].read_text().splitlines() if line.strip()]
+        ev = client.evals.create(**eval_spec["eval"])
+        runs = {}
+        for who, model in (("base", DEFAULT_MODEL), ("ft", job.fine_tuned_model)):
+            data_source = {
+                **eval_spec["run"]["data_source"],
+                "model": model,
+                "source": {"type": "file_content", "content": [{"item": item} for item in heldout]},
+            }
+            runs[who] = client.evals.runs.create(ev.id, name=who, data_source=data_source)
+        for who, run in runs.items():
+            while run.status not in ("completed", "failed", "canceled"):
+                time.sleep(1.0)
+                run = client.evals.runs.retrieve(run.id, eval_id=ev.id)
+            runs[who] = run
+        answers = {
+            who: {
+                item.datasource_item_id: item
+                for item in client.evals.runs.output_items.list(run.id, eval_id=ev.id, limit=100)
+            }
+            for who, run in runs.items()
+        }
         table = Table(show_lines=True)
         for col in ("ticket", "expected", DEFAULT_MODEL, "fine-tuned"):
             table.add_column(col, overflow="fold")
-        scores = {"base": [0, 0], "ft": [0, 0]}  # [valid JSON, exact match]
-        heldout = [json.loads(line) for line in files["heldout"].read_text().splitlines() if line.strip()]
-        for ex in heldout:
-            prompt, expected = ex["messages"][:-1], ex["messages"][-1]["content"]
-            row = [prompt[-1]["content"], expected]
-            for who, model in (("base", DEFAULT_MODEL), ("ft", job.fine_tuned_model)):
-                text = _answer(client, model, prompt)
-                parsed = _parse(text)
-                scores[who][0] += parsed is not None
-                scores[who][1] += parsed is not None and parsed == _parse(expected)
-                row.append(text)
+        for i, item in enumerate(heldout):
+            row = [item["ticket"], item["reference"]]
+            for who in ("base", "ft"):
+                out = answers[who].get(i)
+                row.append(out.sample.output[0].content if out and out.sample.output else "(no answer)")
             table.add_row(*row)
         console.print(table)
         n = len(heldout)
-        console.print(f"valid JSON: base {scores['base'][0]}/{n}, fine-tuned {scores['ft'][0]}/{n}")
-        console.print(f"exact match: base {scores['base'][1]}/{n}, fine-tuned {scores['ft'][1]}/{n}")
+        names = criterion_names(
+            list(runs.values()), [c["name"] for c in eval_spec["eval"]["testing_criteria"]]
+        )
+        passed = {
+            who: {c.testing_criteria: c.passed for c in run.per_testing_criteria_results or []}
+            for who, run in runs.items()
+        }
+        for criterion, name in names.items():
+            console.print(
+                f"{name}: base {passed['base'].get(criterion, 0)}/{n}, fine-tuned {passed['ft'].get(criterion, 0)}/{n}"
+            )
+        for who, run in runs.items():
+            console.print(f"eval run {run.id} ({who}): {run.report_url}")
         console.print(f"fine-tune wall time (job created → succeeded): {wall:.0f} s")
         return 0
     finally:

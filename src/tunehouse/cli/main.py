@@ -166,9 +166,12 @@ def chat(
 
 @app.command()
 def demo(
-    examples: Annotated[Path, typer.Option(help="Folder with tickets_{train,valid,heldout}.jsonl.")] = Path(
-        "examples"
-    ),
+    examples: Annotated[
+        Path,
+        typer.Option(
+            help="Folder with tickets_{train,valid}.jsonl, tickets_heldout_items.jsonl, tickets_eval.json."
+        ),
+    ] = Path("examples"),
     home: Annotated[Path, typer.Option(help="Server home for the demo.")] = Path(".home/demo"),
     # Defaults chosen by the sweep recorded in examples/README.md (15/15 held-out vs 0/15 for the base).
     n_epochs: Annotated[str, typer.Option(help="Epochs, or auto.")] = "3",
