@@ -121,7 +121,16 @@ class Generator:
         return results[0]
 
     def sampler(self, session_factory: Callable[[], Session]) -> EngineSampler:
-        return EngineSampler(self, session_factory)
+        """A sampler that resolves model names itself (a job's process: the API checked them)."""
+        refs: dict[str, ModelRef] = {}
+
+        def resolve(name: str) -> ModelRef:
+            if name not in refs:
+                with session_factory() as session:
+                    refs[name] = resolve_model(self.settings, session, name)
+            return refs[name]
+
+        return EngineSampler(self, resolve)
 
     def close(self) -> None:
         if self._engine is not None and self._owns_engine:
@@ -130,19 +139,20 @@ class Generator:
 
 
 class EngineSampler:
-    """The graders' ModelSampler on this process's engine: score_model and label_model criteria
-    sample the models they name (resolved by name; refs cached for the run)."""
+    """The graders' ModelSampler on an engine: score_model and label_model sample the models they
+    name, resolved by `resolve` (which raises ModelNotFound for a name it does not know);
+    `on_usage(model, prompt_tokens, completion_tokens)` is told what each call cost."""
 
-    def __init__(self, generator: Generator, session_factory: Callable[[], Session]):
+    def __init__(
+        self,
+        generator: Generator,
+        resolve: Callable[[str], ModelRef],
+        *,
+        on_usage: Callable[[str, int, int], None] | None = None,
+    ):
         self.generator = generator
-        self.session_factory = session_factory
-        self._refs: dict[str, ModelRef] = {}
-
-    def _ref(self, name: str) -> ModelRef:
-        if name not in self._refs:
-            with self.session_factory() as session:
-                self._refs[name] = resolve_model(self.generator.settings, session, name)
-        return self._refs[name]
+        self.resolve = resolve
+        self.on_usage = on_usage
 
     def complete(
         self,
@@ -162,9 +172,12 @@ class EngineSampler:
             seed=seed,
             response_format=response_format,
         )
-        result = self.generator.complete(self._ref(model), messages, params)
+        ref = self.resolve(model)
+        result = self.generator.complete(ref, messages, params)
         if result.error is not None:
             raise RuntimeError(result.error)
+        if self.on_usage is not None:
+            self.on_usage(model, result.prompt_tokens, result.completion_tokens)
         return Completion(
             text=result.text,
             prompt_tokens=result.prompt_tokens,

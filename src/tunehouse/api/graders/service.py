@@ -15,8 +15,9 @@ from tunehouse.api.graders.protocol import RunGraderResponse, ValidateGraderResp
 from tunehouse.api.models.service import resolve_for_inference
 from tunehouse.api.state import AppState
 from tunehouse.errors import ModelNotFound
-from tunehouse.graders import Completion, Grader, Sample, grade_many, parse_grader
-from tunehouse.inference.engine import ModelRef, SamplingParams
+from tunehouse.evals.generation import EngineSampler, Generator
+from tunehouse.graders import Grader, Sample, grade_many, parse_grader
+from tunehouse.inference.engine import ModelRef
 from tunehouse.tenancy.auth import Principal
 from tunehouse.usage import metering
 
@@ -26,55 +27,28 @@ log = logging.getLogger(__name__)
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
 
 
-class EngineSampler:
-    """A ModelSampler over the server's inference engine, for the models resolved up front."""
+def _sampler(state: AppState, principal: Principal, models: dict[str, ModelRef]) -> EngineSampler:
+    """Model graders sample on the server's engine, the models resolved up front; each call is
+    metered as a chat request is."""
 
-    def __init__(self, state: AppState, principal: Principal, models: dict[str, ModelRef]):
-        self.state = state
-        self.principal = principal
-        self.models = models
+    def resolve(name: str) -> ModelRef:
+        if name not in models:
+            raise ModelNotFound(name)
+        return models[name]
 
-    def complete(
-        self,
-        model: str,
-        messages: list[dict],
-        *,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        max_tokens: int | None = None,
-        response_format: dict | None = None,
-    ) -> Completion:
-        ref = self.models.get(model)
-        if ref is None:
-            raise ModelNotFound(model)
-        params = SamplingParams(
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
-            seed=seed,
-            max_tokens=max_tokens,
-            response_format=response_format,
-        )
-        result = self.state.inference.chat(ref, messages, params)
-        self._meter(model, result.prompt_tokens, result.completion_tokens)
-        return Completion(
-            text=result.choices[0].text,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            model=ref.name,
-        )
-
-    def _meter(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def meter(model: str, prompt_tokens: int, completion_tokens: int) -> None:
         try:
             metering.record_inference(
-                self.state,
-                self.principal,
+                state,
+                principal,
                 model=model,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
             )
         except Exception:  # metering must never turn a grade into an error
             log.exception("could not record grader usage for %s", model)
+
+    return EngineSampler(Generator(state.settings, engine=state.inference), resolve, on_usage=meter)
 
 
 def _resolve_models(
@@ -105,7 +79,7 @@ def run_grader(
 ) -> RunGraderResponse:
     parsed = _parse(grader)
     models = _resolve_models(state, session, principal, parsed)
-    sampler = EngineSampler(state, principal, models)
+    sampler = _sampler(state, principal, models) if models else None  # no engine for plain graders
     [result] = grade_many(parsed, [(Sample.from_text(model_sample), item or {})], sampler=sampler)
     return RunGraderResponse(
         reward=result.reward,
