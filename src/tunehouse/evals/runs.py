@@ -294,6 +294,8 @@ def execute(
         if run is None:
             raise RunFailed("not_found", f"The run {run_id} was deleted.")
         ev = s.scalar(select(Eval).where(Eval.id == run.eval_id))
+        if ev is None:
+            raise RunFailed("not_found", f"The eval {run.eval_id} of the run was deleted.")
         source = parse_run_data_source(run.data_source)
         lines = load_lines(s, blobs, source)
         done = set(
