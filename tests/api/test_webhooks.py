@@ -130,6 +130,9 @@ def test_endpoint_that_keeps_failing_is_marked_failed_after_the_last_attempt(fas
             "fine_tuning.job.succeeded",
             "fine_tuning.job.failed",
             "fine_tuning.job.cancelled",
+            "eval.run.succeeded",
+            "eval.run.failed",
+            "eval.run.canceled",
         ]
         client = live.client(key)
         f = client.files.create(

@@ -14,7 +14,9 @@ from rich.table import Table
 
 console = Console()
 quotas_app = typer.Typer(no_args_is_help=True, help="Quotas per organization and rate limits per key.")
-webhooks_app = typer.Typer(no_args_is_help=True, help="Webhook endpoints for fine-tuning job events.")
+webhooks_app = typer.Typer(
+    no_args_is_help=True, help="Webhook endpoints for fine-tuning job and eval run events."
+)
 
 HomeOpt = Annotated[
     Path | None, typer.Option("--home", help="State folder (default: TUNEHOUSE_HOME or a per-user data dir).")
@@ -267,7 +269,9 @@ def webhooks_add(
     event: Annotated[
         list[str] | None,
         typer.Option(
-            "--event", help="fine_tuning.job.succeeded|failed|cancelled (repeatable; default: all)."
+            "--event",
+            help="fine_tuning.job.succeeded|failed|cancelled, eval.run.succeeded|failed|canceled "
+            "(repeatable; default: all).",
         ),
     ] = None,
     home: HomeOpt = None,
