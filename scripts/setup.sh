@@ -13,6 +13,15 @@ if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/d
     || echo "setup.sh: could not install bubblewrap; python graders run with fewer layers" >&2
 fi
 
+# chromium: the headless browser the dashboard's tests drive (tests/web/, Playwright from Python,
+# launched at /usr/bin/chromium; playwright never downloads a browser). Only root can install it.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+    || echo "setup.sh: could not install chromium; the dashboard's browser tests will be skipped" >&2
+fi
+
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091

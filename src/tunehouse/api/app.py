@@ -10,6 +10,9 @@ from fastapi import FastAPI, Request
 from tunehouse import __version__, ids
 from tunehouse.api.chat.router import router as chat_router
 from tunehouse.api.completions.router import router as completions_router
+from tunehouse.api.dashboard.router import pages as dashboard_pages
+from tunehouse.api.dashboard.router import router as dashboard_router
+from tunehouse.api.deps import OrgDep
 from tunehouse.api.errors import install_error_handlers
 from tunehouse.api.evals.router import router as evals_router
 from tunehouse.api.files.router import router as files_router
@@ -51,7 +54,16 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
                 worker.stop()
             state.close()
 
-    app = FastAPI(title="tunehouse", version=__version__, lifespan=lifespan)
+    # No unauthenticated /docs or /redoc (Swagger's pages load from a CDN anyway); the schema
+    # answers only with a key, like the rest of the API.
+    app = FastAPI(
+        title="tunehouse",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.tunehouse = state
     install_error_handlers(app)
     # Middleware runs outside-in in the reverse order of adding: request id, then the JSON body
@@ -77,8 +89,14 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
         organization_router,
         permissions_router,
         evals_router,
+        dashboard_router,
+        dashboard_pages,
     ):
         app.include_router(router)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(principal: OrgDep) -> dict:
+        return app.openapi()
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict:
