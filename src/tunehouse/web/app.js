@@ -603,7 +603,7 @@ async function usagePage() {
   const palette = ["#2457c5", "#d0471b", "#1b7f3b", "#8a5a00", "#6b3fa0", "#0f7c8c"];
   new uPlot({
     width: Math.max(320, Math.min(1100, main.clientWidth - 40)), height: 280,
-    axes: [{}, { label: "USD" }],
+    axes: [{}, { label: "USD", size: 70, values: (u, vs) => vs.map((v) => (v === 0 ? "0" : Math.abs(v) < 0.01 ? v.toExponential(1) : v.toFixed(2))) }],
     series: [{}, ...items.map((it, i) => ({ label: it, stroke: palette[i % palette.length], width: 2, points: { show: true } }))],
   }, [x, ...series], chartBox);
 }
