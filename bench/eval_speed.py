@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/eval_speed.py [--items 200] [--max-tokens 16] [--grade-items 300]
                                          [--model default|tiny] [--skip-graders]
+                                         [--temperature 0] [--seed S]
 
 1. Graders, in this process: `grade_many` over `--grade-items` (sample, item) pairs for every
    deterministic grader type (string_check, each text_similarity metric, python in its sandbox,
    multi): items graded per second.
 2. A tunehouse server in a child process (its own home, the default model, SQLite). The same
    `--items` questions ("What is 17 + 25? Answer with the number only.") are answered twice:
-   - one by one: `client.chat.completions.create` for each item in turn, greedy, `--max-tokens`,
+   - one by one: `client.chat.completions.create` for each item in turn, greedy (or at
+     `--temperature` with `--seed`, as OpenAI's eval examples sample), `--max-tokens`,
      the way a script without an eval API would do it (the server's engine warmed up first);
    - as one eval run: `client.evals.create` + `client.evals.runs.create` with a `completions`
      data source (the same template, greedy, the same max tokens) and a string_check criterion,
@@ -139,7 +141,7 @@ def start_server(home: Path, model: str) -> tuple[subprocess.Popen, str]:
     return server, f"http://127.0.0.1:{port}/v1"
 
 
-def bench_run(n: int, max_tokens: int, model_choice: str) -> None:
+def bench_run(n: int, max_tokens: int, model_choice: str, temperature: float, seed: int | None) -> None:
     from openai import OpenAI
 
     model = "tiny" if model_choice == "tiny" else "smollm2-135m-instruct"
@@ -159,7 +161,8 @@ def bench_run(n: int, max_tokens: int, model_choice: str) -> None:
                 model=model,
                 messages=[{"role": "user", "content": item["question"]}],
                 max_tokens=max_tokens,
-                temperature=0,
+                temperature=temperature,
+                seed=seed,
             )
             one_by_one_right += item["answer"] in (reply.choices[0].message.content or "")
         one_by_one = time.perf_counter() - t
@@ -196,7 +199,11 @@ def bench_run(n: int, max_tokens: int, model_choice: str) -> None:
                     "type": "template",
                     "template": [{"role": "user", "content": "{{item.question}}"}],
                 },
-                "sampling_params": {"temperature": 0, "max_completion_tokens": max_tokens},
+                "sampling_params": {
+                    "temperature": temperature,
+                    "max_completion_tokens": max_tokens,
+                    **({"seed": seed} if seed is not None else {}),
+                },
                 "source": {"type": "file_content", "content": [{"item": item} for item in items]},
             },
         )
@@ -206,7 +213,8 @@ def bench_run(n: int, max_tokens: int, model_choice: str) -> None:
         as_run = time.perf_counter() - t
         if run.status != "completed":
             raise SystemExit(f"the eval run ended {run.status}: {run.error}")
-        print(f"\n{n} items, {model}, greedy, max {max_tokens} new tokens")
+        how = "greedy" if temperature == 0 else f"temperature {temperature}, seed {seed}"
+        print(f"\n{n} items, {model}, {how}, max {max_tokens} new tokens")
         print(
             f"  one by one through chat:  {one_by_one:8.1f} s  ({n / one_by_one:6.2f} items/s), right: {one_by_one_right}"
         )
@@ -227,10 +235,12 @@ def main() -> int:
     ap.add_argument("--grade-items", type=int, default=300)
     ap.add_argument("--model", choices=["default", "tiny"], default="default")
     ap.add_argument("--skip-graders", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
     if not args.skip_graders:
         bench_graders(args.grade_items)
-    bench_run(args.items, args.max_tokens, args.model)
+    bench_run(args.items, args.max_tokens, args.model, args.temperature, args.seed)
     return 0
 
 

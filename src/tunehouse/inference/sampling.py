@@ -61,23 +61,62 @@ def pick_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
 ) -> list[int]:
     """Each row's next token [rows, vocabulary] → rows: the most likely where the temperature is 0,
-    else drawn from the row's generator at its temperature, from its top_p nucleus."""
+    else drawn from the row's generator at its temperature, from its top_p nucleus.
+
+    Sampled rows are drawn together by inverse transform: one uniform number per row from that
+    row's own generator (so a seed still decides a row's tokens whatever shares its batch), then
+    one batched cumulative sum and search for all rows. A `torch.multinomial` call per row costs
+    ~1.4 ms on a 49k vocabulary and a sort per nucleus row ~5 ms, which made a batch of 64 seeded
+    eval samples decode ~10x slower than greedy ones."""
     tokens = argmax_rows(logits).tolist()  # greedy rows keep this
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-    if sampled:
-        temps = torch.tensor([params[i].temperature for i in sampled]).unsqueeze(1)
-        probs = torch.softmax(logits[sampled] / temps, dim=-1)
-        for row, i in zip(probs, sampled, strict=True):
-            top_p = params[i].top_p
-            if top_p < 1.0:
-                sorted_p, order = row.sort(descending=True)
-                # Keep the smallest set of most likely tokens whose mass reaches top_p.
-                sorted_p[(sorted_p.cumsum(0) - sorted_p) >= top_p] = 0.0
-                pick = order[torch.multinomial(sorted_p, 1, generator=generators[i])]
-            else:
-                pick = torch.multinomial(row, 1, generator=generators[i])
-            tokens[i] = int(pick)
+    if not sampled:
+        return tokens
+    temps = torch.tensor([params[i].temperature for i in sampled]).unsqueeze(1)
+    probs = torch.softmax(logits[sampled].float() / temps, dim=-1)
+    draws = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled])
+    top_p = torch.tensor([params[i].top_p for i in sampled])
+    picks = torch.empty(len(sampled), dtype=torch.long)
+    nucleus = top_p < 1.0
+    if nucleus.any():
+        picks[nucleus] = _nucleus_pick(probs[nucleus], top_p[nucleus], draws[nucleus])
+    if not nucleus.all():
+        picks[~nucleus] = _inverse_cdf(probs[~nucleus], draws[~nucleus])
+    for i, token in zip(sampled, picks.tolist(), strict=True):
+        tokens[i] = token
     return tokens
+
+
+def _nucleus_pick(probs: torch.Tensor, top_p: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Inverse-transform draws from each row's top_p nucleus: the smallest set of most likely
+    tokens whose mass reaches top_p. The nucleus is looked for among the row's most likely
+    NUCLEUS_CANDIDATES tokens first (a partial sort, ~10x cheaper than sorting the vocabulary);
+    a row whose nucleus is wider than that is sorted whole."""
+    k = min(NUCLEUS_CANDIDATES, probs.shape[1])
+    sorted_p, order = probs.topk(k, dim=-1)
+    wide = sorted_p.sum(-1) < top_p
+    if wide.any():
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest set of most likely tokens whose mass reaches top_p.
+    sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p.unsqueeze(1)] = 0.0
+    return order.gather(1, _inverse_cdf(sorted_p, draws).unsqueeze(1)).squeeze(1)
+
+
+NUCLEUS_CANDIDATES = 1024
+
+
+def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """For rows of (unnormalised, non-negative) probabilities [rows, vocabulary] and one uniform
+    draw in [0, 1) per row: the index whose cumulative mass first exceeds draw × total. A token of
+    probability 0 is never picked (its cumulative mass equals its predecessor's)."""
+    cumulative = probs.cumsum(-1)
+    target = (draws * cumulative[:, -1]).unsqueeze(1)
+    index = torch.searchsorted(cumulative, target, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+    # Rounding can put the target at the very top, past the last token with any mass.
+    off = probs.gather(1, index.unsqueeze(1)).squeeze(1) == 0
+    if off.any():
+        index[off] = (probs[off] > 0).int().cumsum(-1).argmax(-1)
+    return index
 
 
 def token_logprob(
