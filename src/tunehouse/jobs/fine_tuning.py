@@ -283,7 +283,9 @@ def train(ctx: JobContext) -> None:
         # The model trained well enough to keep: a failed measurement is reported, not fatal.
         log.exception("job %s: evaluation failed", job.id)
         with ctx.db.transaction() as s:
-            add_event(s, job.id, f"Evaluation of the fine-tuned model failed: {type(e).__name__}: {e}", level="warn")
+            add_event(
+                s, job.id, f"Evaluation of the fine-tuned model failed: {type(e).__name__}: {e}", level="warn"
+            )
     finish(ctx, job, model_name=model_name, trained_tokens=result.trained_tokens, rows=hooks.rows)
     shutil.rmtree(ctx.work_dir / "train", ignore_errors=True)
     discard_training_state(ctx.settings, organization_id=job.organization_id, job_id=job.id)
