@@ -220,7 +220,3 @@ def describe(c: Comparison, *, what: str) -> str:
             else "the fine-tune complies with harmful requests its base refused; review the training data."
         )
     return f"{text}: no clear drop."
-
-
-def as_graders(specs: list[dict], *, param: str) -> list[Grader]:
-    return [parse_grader(spec, param=f"{param}[{i}]") for i, spec in enumerate(specs)]

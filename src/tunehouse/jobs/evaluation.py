@@ -60,7 +60,7 @@ def evaluate(ctx: JobContext, job: Job, *, model_name: str, valid_path: Path | N
                 ctx.settings, s, job.model if job.model.startswith("ft:") else job.base_model
             )
         if graders and valid_path is not None:
-            _score_checkpoints(ctx, job, generator, base, graders, valid_path, result, spec)
+            _score_checkpoints(ctx, job, generator, base, graders, valid_path, result)
             if spec.get("select_checkpoint") == "best":
                 _promote_best(ctx, job, model_name, result)
         if general:
@@ -77,7 +77,7 @@ def evaluate(ctx: JobContext, job: Job, *, model_name: str, valid_path: Path | N
         generator.close()
 
 
-def _score_checkpoints(ctx, job, generator, base, graders, valid_path, result, spec) -> None:
+def _score_checkpoints(ctx, job, generator, base, graders, valid_path, result) -> None:
     prompts, items = validation_items(valid_path)
     longest = max((len(str(item.get("reference", ""))) for item in items), default=0)
     # Room for an answer as long as the longest reference (about 4 characters a token), twice over.
@@ -137,7 +137,7 @@ def _promote_best(ctx: JobContext, job: Job, model_name: str, result: dict) -> N
         )
         final = next(r for r in rows if r.is_final)
         best = max(rows, key=lambda r: (r.metrics.get("valid_score", float("-inf")), r.step_number))
-        last_score = final.metrics.get("valid_score")
+        last_score, last_step = final.metrics.get("valid_score"), final.step_number
         result["chosen"] = {"step": best.step_number, "valid_score": best.metrics.get("valid_score")}
         if best.id == final.id:
             message = (
@@ -168,7 +168,7 @@ def _promote_best(ctx: JobContext, job: Job, model_name: str, result: dict) -> N
             message = (
                 f"Promoted the checkpoint of step {best.step_number} to {model_name}: it scored best on the "
                 f"validation set ({best.metrics['valid_score']:.4f}, against {last_score:.4f} at the last step, "
-                f"step {result.get('last_step', rows[-1].step_number)}); later steps overfit."
+                f"step {last_step}); later steps overfit."
             )
         _record(s, job, result)
         add_event(s, job.id, message, data=result["chosen"])
