@@ -37,7 +37,12 @@ def test_json_object_and_schema_streamed(client, default_model_dir):
     empty = AutoTokenizer.from_pretrained(default_model_dir).convert_tokens_to_ids("{}")
     for rf, bias in (({"type": "json_object"}, {str(empty): 100}), (RESPONSE_FORMAT, None)):
         stream = client.chat.completions.create(
-            model=TINY_MODEL, messages=MESSAGES, response_format=rf, seed=2, max_tokens=256, stream=True,
+            model=TINY_MODEL,
+            messages=MESSAGES,
+            response_format=rf,
+            seed=2,
+            max_tokens=256,
+            stream=True,
             logit_bias=bias,
         )
         text, finish = "", None
