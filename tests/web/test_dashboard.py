@@ -227,3 +227,90 @@ def test_another_organization_cannot_open_the_job(browser, page, web_server):
         assert json.dumps(pg.evaluate("document.body.innerText")).count("train loss") == 0
     finally:
         context.close()
+
+
+def test_eval_runs_show_base_and_fine_tune_scores_and_verdicts(page, web_server, shots):
+    client = web_server.client()
+    ft = client.fine_tuning.jobs.retrieve(page.job_id).fine_tuned_model
+    ev = client.evals.create(
+        name="sums",
+        data_source_config={
+            "type": "custom",
+            "item_schema": {
+                "type": "object",
+                "properties": {"q": {"type": "string"}, "a": {"type": "string"}},
+            },
+            "include_sample_schema": True,
+        },
+        testing_criteria=[
+            {
+                "type": "string_check",
+                "name": "exact",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.a}}",
+                "operation": "eq",
+            }
+        ],
+    )
+    items = [{"item": {"q": f"What is {i} + {i}?", "a": str(2 * i)}} for i in range(3)]
+    runs = {}
+    for name, model in (("base run", TINY_MODEL), ("fine-tune run", ft)):
+        runs[name] = client.evals.runs.create(
+            ev.id,
+            name=name,
+            data_source={
+                "type": "completions",
+                "model": model,
+                "input_messages": {
+                    "type": "template",
+                    "template": [{"role": "user", "content": "{{item.q}}"}],
+                },
+                "sampling_params": {"temperature": 0, "max_completion_tokens": 4},
+                "source": {"type": "file_content", "content": items},
+            },
+        )
+    page.goto(f"{web_server.url}/dashboard/#/evals/{ev.id}")
+    table = page.get_by_role("table", name="Runs: pass rate per criterion")
+    # The page shows what the API says once both runs are done (reloaded until then).
+    for _ in range(120):
+        done = [client.evals.runs.retrieve(r.id, eval_id=ev.id) for r in runs.values()]
+        if all(r.status == "completed" for r in done):
+            break
+        page.wait_for_timeout(1000)
+    page.reload()
+    for run in done:
+        row = table.locator("tbody tr", has_text=run.name)
+        expect(row).to_contain_text("completed")
+        c = run.per_testing_criteria_results[0]
+        expect(row).to_contain_text(f"({c.passed}/{c.passed + c.failed})")
+    expect(table.locator("thead")).to_contain_text("exact")
+    page.screenshot(path=str(shots / "eval.png"), full_page=True)
+
+    table.get_by_role("link", name="fine-tune run").click()
+    outputs = page.get_by_role("table", name="Output items")
+    expect(outputs.locator("tbody tr")).to_have_count(3)
+    expect(outputs).to_contain_text("What is 2 + 2?")
+    expect(outputs.locator("tbody tr").first).to_contain_text(re.compile(r"exact: (pass|fail)"))
+
+
+def test_pause_resume_and_cancel_from_the_job_page(page, web_server, tmp_path):
+    client = web_server.client()
+    train = client.files.create(
+        file=write_jsonl(tmp_path / "train.jsonl", LINES).open("rb"), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL, training_file=train.id, hyperparameters={"n_epochs": 20, "batch_size": 1}
+    )
+    page.goto(f"{web_server.url}/dashboard/#/jobs/{job.id}")
+    status = page.locator("#main dd").first
+    # Pause is offered once the job is queued or running (not while its files are checked).
+    expect(status).to_have_text(re.compile("^(queued|running)$"), timeout=60_000)
+    page.get_by_role("button", name="Pause").click()
+    expect(status).to_have_text("paused", timeout=120_000)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    expect(page.get_by_role("button", name="Pause")).to_be_disabled()
+    page.get_by_role("button", name="Resume").click()
+    expect(status).not_to_have_text("paused", timeout=60_000)
+    page.get_by_role("button", name="Cancel").click()
+    expect(status).to_have_text("cancelled", timeout=120_000)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"

@@ -6,6 +6,7 @@ then compare the fine-tuned model with its base on held-out prompts through one 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -53,6 +54,13 @@ def _start_server(home: Path, port: int, key: str, console: Console) -> subproce
         time.sleep(0.3)
     proc.terminate()
     raise RuntimeError("the server did not start within 180 s")
+
+
+def _print_dashboard(port: int, key: str, job_id: str, console: Console) -> None:
+    """Where to look at it all in a browser: the dashboard signs in with the demo's admin key."""
+    console.rule("dashboard")
+    console.print(f"Dashboard: http://127.0.0.1:{port}/dashboard/  (the job: #/jobs/{job_id})")
+    console.print(f"Sign in with the demo server's admin key: {key}")
 
 
 def _plain_grader(criterion: dict) -> dict:
@@ -110,7 +118,9 @@ def _follow(client, job_id: str, console: Console):
             time.sleep(1.0)
 
 
-def run_demo(*, examples: Path, home: Path, hyperparameters: dict, console: Console) -> int:
+def run_demo(
+    *, examples: Path, home: Path, hyperparameters: dict, console: Console, keep_serving: bool = False
+) -> int:
     from openai import OpenAI
 
     files = {k: examples / f"tickets_{k}.jsonl" for k in ("train", "valid")}
@@ -209,6 +219,11 @@ def run_demo(*, examples: Path, home: Path, hyperparameters: dict, console: Cons
         for who, run in runs.items():
             console.print(f"eval run {run.id} ({who}): {run.report_url}")
         console.print(f"fine-tune wall time (job created → succeeded): {wall:.0f} s")
+        _print_dashboard(port, key, job.id, console)
+        if keep_serving:
+            console.print("The server keeps running for the dashboard; Ctrl-C stops it.")
+            with contextlib.suppress(KeyboardInterrupt):
+                server.wait()
         return 0
     finally:
         server.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -179,6 +180,13 @@ def demo(
     learning_rate_multiplier: Annotated[
         str, typer.Option(help="Multiplier of the 2e-4 LoRA rate, or auto.")
     ] = "5",
+    keep_serving: Annotated[
+        bool | None,
+        typer.Option(
+            help="After the comparison, keep the server (and its dashboard) up until Ctrl-C. "
+            "Default: when standard input is a terminal."
+        ),
+    ] = None,
 ) -> None:
     """The main job: serve, upload the example data, fine-tune the default model, compare on held-out prompts."""
     from tunehouse.cli.demo import run_demo
@@ -188,7 +196,13 @@ def demo(
         "batch_size": batch_size,
         "learning_rate_multiplier": learning_rate_multiplier,
     }
-    raise typer.Exit(run_demo(examples=examples, home=home, hyperparameters=hyper, console=console))
+    if keep_serving is None:
+        keep_serving = sys.stdin.isatty()
+    raise typer.Exit(
+        run_demo(
+            examples=examples, home=home, hyperparameters=hyper, console=console, keep_serving=keep_serving
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ async function jobPage(id) {
     }));
     const st = job.status;
     controls.replaceChildren(
-      h("button", { type: "button", class: "secondary", onclick: act("pause"), disabled: !["queued", "running", "validating_files"].includes(st) }, "Pause"),
+      h("button", { type: "button", class: "secondary", onclick: act("pause"), disabled: !["queued", "running"].includes(st) }, "Pause"),
       h("button", { type: "button", class: "secondary", onclick: act("resume"), disabled: st !== "paused" }, "Resume"),
       h("button", { type: "button", class: "secondary", onclick: act("cancel"), disabled: TERMINAL.has(st) }, "Cancel"),
       job.fine_tuned_model ? h("a", { href: `#/playground?a=${encodeURIComponent(job.model)}&b=${encodeURIComponent(job.fine_tuned_model)}` }, "Try it in the playground") : null);
@@ -533,6 +533,9 @@ async function playgroundPage(params) {
 
 // ---- evals ------------------------------------------------------------------------------------
 
+// The API names a run's criterion "<name>-<uuid>", as OpenAI's does; people read the name.
+const criterionLabel = (n) => n.replace(/-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/, "");
+
 function criteriaTable(runs) {
   const names = [...new Set(runs.flatMap((r) => (r.per_testing_criteria_results || []).map((c) => c.testing_criteria)))];
   return table([
@@ -540,7 +543,7 @@ function criteriaTable(runs) {
     { title: "Model", render: (r) => r.model || (r.data_source && r.data_source.model) || "" },
     { title: "Status", render: (r) => statusBadge(r.status) },
     { title: "Passed / total", num: true, render: (r) => (r.result_counts ? `${r.result_counts.passed} / ${r.result_counts.total}` : "") },
-    ...names.map((n) => ({ title: n, num: true, render: (r) => {
+    ...names.map((n) => ({ title: criterionLabel(n), num: true, render: (r) => {
       const c = (r.per_testing_criteria_results || []).find((x) => x.testing_criteria === n);
       return c ? `${Math.round((100 * c.passed) / Math.max(1, c.passed + c.failed))}% (${c.passed}/${c.passed + c.failed})` : "";
     } })),
@@ -571,7 +574,7 @@ async function runPage(evalId, runId) {
       { title: "Item", render: (o) => JSON.stringify(o.datasource_item).slice(0, 200) },
       { title: "Output", render: (o) => ((o.sample && o.sample.output) || []).map((m) => m.content).join("\n").slice(0, 400) },
       { title: "Status", render: (o) => o.status },
-      { title: "Verdicts", render: (o) => (o.results || []).map((r) => `${r.name}: ${r.passed ? "pass" : "fail"} (${fmtNum(r.score, 2)})`).join("; ") },
+      { title: "Verdicts", render: (o) => (o.results || []).map((r) => `${criterionLabel(r.name)}: ${r.passed ? "pass" : "fail"} (${fmtNum(r.score, 2)})`).join("; ") },
     ], items, { label: "Output items" }));
 }
 
