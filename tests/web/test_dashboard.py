@@ -310,7 +310,12 @@ def test_pause_resume_and_cancel_from_the_job_page(page, web_server, tmp_path):
     assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
     expect(page.get_by_role("button", name="Pause")).to_be_disabled()
     page.get_by_role("button", name="Resume").click()
-    expect(status).not_to_have_text("paused", timeout=60_000)
+    expect(status).to_have_text("running", timeout=60_000)
+    # The jobs list shows how far a running job has got.
+    page.goto(f"{web_server.url}/dashboard/#/jobs")
+    bar = page.get_by_role("progressbar", name=re.compile(rf"^{job.id}: step \d+ of 800$"))
+    expect(bar).to_be_visible(timeout=60_000)
+    page.goto(f"{web_server.url}/dashboard/#/jobs/{job.id}")
     page.get_by_role("button", name="Cancel").click()
     expect(status).to_have_text("cancelled", timeout=120_000)
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"

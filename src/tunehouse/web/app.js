@@ -179,9 +179,23 @@ async function jobsPage() {
   main.replaceChildren(h("h1", {}, "Fine-tuning jobs"), h("p", {}, h("a", { href: "#/jobs/new" }, "Create a job")), list);
   every(2000, async () => {
     const jobs = (await api("/v1/fine_tuning/jobs?limit=100")).data;
+    // Progress of the jobs under way: the step of each one's latest metrics event.
+    const steps = new Map(await Promise.all(jobs.filter((j) => ["running", "paused"].includes(j.status)).map(async (j) => {
+      const events = (await api(`/v1/fine_tuning/jobs/${j.id}/events?limit=50`)).data;
+      const m = events.find((e) => e.type === "metrics" && e.data && e.data.total_steps);
+      return [j.id, m ? m.data : null];
+    })));
+    const progress = (j) => {
+      if (j.status === "succeeded") return "done";
+      const m = steps.get(j.id);
+      if (!m) return "";
+      const label = `step ${m.step} of ${m.total_steps}`;
+      return h("span", {}, h("progress", { max: m.total_steps, value: m.step, "aria-label": `${j.id}: ${label}` }), ` ${label}`);
+    };
     list.replaceChildren(table([
       { title: "Job", render: (j) => h("a", { href: `#/jobs/${j.id}` }, j.id) },
       { title: "Status", render: (j) => statusBadge(j.status) },
+      { title: "Progress", render: progress },
       { title: "Base model", render: (j) => j.model },
       { title: "Method", render: (j) => (j.method && j.method.type) || "supervised" },
       { title: "Fine-tuned model", render: (j) => j.fine_tuned_model || "" },
