@@ -1,6 +1,6 @@
-"""Every identifier the system hands out, in OpenAI's shapes where OpenAI has one: file-…, ftjob-…,
-ftevent-…, ftckpt_…, chatcmpl-…, cmpl-…, proj_…, cp_…, audit_log-…, eval_…, evalrun_…, outputitem_…,
-ft:<base>:<org>:<suffix>:<id>;
+"""Every identifier the system hands out, in OpenAI's shapes where OpenAI has one: file-…, upload_…,
+part_…, ftjob-…, ftevent-…, ftckpt_…, chatcmpl-…, cmpl-…, proj_…, cp_…, audit_log-…, eval_…, evalrun_…,
+outputitem_…, ft:<base>:<org>:<suffix>:<id>;
 ours (keys, webhooks, request ids) in the same style. Nothing else makes ids by hand."""
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ def _hex(n: int) -> str:
 
 def file_id() -> str:
     return f"file-{_random(22)}"
+
+
+def upload_id() -> str:
+    """An Upload (/v1/uploads): a file sent in parts."""
+    return f"upload_{_random(24)}"
+
+
+def upload_part_id() -> str:
+    """A Part of an Upload."""
+    return f"part_{_random(24)}"
 
 
 def job_id() -> str:

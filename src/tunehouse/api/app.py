@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from contextlib import asynccontextmanager
 
@@ -24,12 +26,25 @@ from tunehouse.api.models.router import router as models_router
 from tunehouse.api.organization.router import permissions_router
 from tunehouse.api.organization.router import router as organization_router
 from tunehouse.api.state import AppState
+from tunehouse.api.uploads import service as uploads_service
+from tunehouse.api.uploads.router import router as uploads_router
 from tunehouse.api.usage.router import router as usage_router
 from tunehouse.config import Settings
 from tunehouse.jobs.worker import Worker
 from tunehouse.webhooks.delivery import WebhookSender
 
 log = logging.getLogger(__name__)
+
+# Expired uploads' parts are swept at start and this often (and before each /v1/uploads request).
+UPLOAD_SWEEP_SECONDS = 600.0
+
+
+async def _sweep_uploads(state: AppState) -> None:
+    """Abandoned uploads expire an hour after they are made: their parts' bytes go (in a thread:
+    the sweep touches the database and the store)."""
+    while True:
+        await asyncio.to_thread(uploads_service.sweep, state)
+        await asyncio.sleep(UPLOAD_SWEEP_SECONDS)
 
 
 def create_app(settings: Settings | None = None, *, start_worker: bool | None = None) -> FastAPI:
@@ -46,9 +61,13 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
         # Webhook deliveries wait in a table (webhooks/outbox.py); this sends them, with retries.
         sender = WebhookSender(settings, state.db)
         sender.start()
+        sweeper = asyncio.create_task(_sweep_uploads(state))
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             sender.stop()
             if worker is not None:
                 worker.stop()
@@ -80,6 +99,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
 
     for router in (
         files_router,
+        uploads_router,
         fine_tuning_router,
         graders_router,
         models_router,

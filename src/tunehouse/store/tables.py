@@ -100,6 +100,45 @@ class File(Base):
     project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
 
 
+class Upload(Base):
+    """A file sent in parts (OpenAI's /v1/uploads). Completing it assembles the listed parts into
+    a File (`file_id`); its parts' rows and bytes go when it is completed, cancelled or expires."""
+
+    __tablename__ = "uploads"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)  # as declared at creation
+    mime_type: Mapped[str] = mapped_column(String(256))
+    # pending | completed | cancelled | expired (a pending upload past expires_at reads as expired
+    # before the sweeper has written it so).
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    # expires_after.seconds of the request: the File made on completion expires that long after it is made.
+    file_expires_after: Mapped[int | None] = mapped_column(BigInteger)
+    file_id: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_uploads_status_expires_at", "status", "expires_at"),)
+
+
+class UploadPart(Base):
+    """A part of an upload: its bytes are in the files store under `path`."""
+
+    __tablename__ = "upload_parts"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id", ondelete="CASCADE"), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(Text)  # relative to the files folder
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
 class Job(Base):
     __tablename__ = "fine_tuning_jobs"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

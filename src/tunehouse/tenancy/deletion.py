@@ -22,6 +22,7 @@ from tunehouse.errors import InvalidRequest, NotFound
 from tunehouse.jobs.events import add_event
 from tunehouse.jobs.state_store import discard_training_state
 from tunehouse.store import job_status as st
+from tunehouse.store import uploads
 from tunehouse.store.tables import (
     ApiKey,
     Checkpoint,
@@ -33,6 +34,7 @@ from tunehouse.store.tables import (
     Job,
     Organization,
     Project,
+    Upload,
     now,
 )
 from tunehouse.tenancy import audit
@@ -69,6 +71,7 @@ class Deleted:
     keys: int = 0
     projects: int = 0
     evals: int = 0  # its runs are jobs (counted in `jobs`), its output items go with them
+    uploads: int = 0  # with their parts
     blob_keys: list[str] = field(default_factory=list)
 
 
@@ -95,6 +98,17 @@ def _delete_evals(session, eval_filter) -> int:
         session.execute(delete(EvalRun).where(EvalRun.eval_id.in_(eval_ids)))
         session.execute(delete(Eval).where(Eval.id.in_(eval_ids)))
     return len(eval_ids)
+
+
+def _delete_uploads(session, upload_filter) -> list[tuple[str, str]]:
+    """Uploads and their parts' rows; returns (organization id, upload id) of each, for the bytes."""
+    rows = [
+        (r.organization_id, r.id)
+        for r in session.execute(select(Upload.organization_id, Upload.id).where(upload_filter))
+    ]
+    uploads.discard_parts(session, [u for _, u in rows])
+    session.execute(delete(Upload).where(Upload.id.in_([u for _, u in rows])))
+    return rows
 
 
 def _delete_bytes(
@@ -160,6 +174,10 @@ def delete_project(
         out.evals = _delete_evals(
             s, (Eval.organization_id == organization_id) & (Eval.project_id == project_id)
         )
+        upload_keys = _delete_uploads(
+            s, (Upload.organization_id == organization_id) & (Upload.project_id == project_id)
+        )
+        out.uploads = len(upload_keys)
         s.execute(delete(Job).where(Job.id.in_(job_ids)))  # events go with them (ON DELETE CASCADE)
         s.execute(delete(File).where(File.id.in_([f.id for f in files])))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.project_id == project_id)).rowcount
@@ -177,9 +195,11 @@ def delete_project(
                 "jobs": out.jobs,
                 "checkpoints": out.checkpoints,
                 "evals": out.evals,
+                "uploads": out.uploads,
                 "api_keys": out.keys,
             },
         )
+    uploads.delete_bytes(stores.files, upload_keys)
     weight_keys = [c.path for c in ckpts] + [f"{organization_id}/{j}" for j in job_ids]
     _delete_bytes(
         stores,
@@ -223,6 +243,8 @@ def delete_organization(
         )
         s.execute(delete(Checkpoint).where(Checkpoint.organization_id == organization_id))
         out.evals = _delete_evals(s, Eval.organization_id == organization_id)
+        upload_keys = _delete_uploads(s, Upload.organization_id == organization_id)
+        out.uploads = len(upload_keys)
         s.execute(delete(Job).where(Job.organization_id == organization_id))
         s.execute(delete(File).where(File.organization_id == organization_id))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.organization_id == organization_id)).rowcount
@@ -241,9 +263,11 @@ def delete_organization(
                 "jobs": out.jobs,
                 "checkpoints": out.checkpoints,
                 "evals": out.evals,
+                "uploads": out.uploads,
                 "api_keys": out.keys,
             },
         )
+    uploads.delete_bytes(stores.files, upload_keys)
     # Per-object keys, then the organization's own prefix (anything left under it is its too).
     _delete_bytes(
         stores,

@@ -38,6 +38,38 @@ def to_wire(row: File) -> FileObject:
     )
 
 
+def check_purpose(purpose: str | None) -> str:
+    """A purpose files may have (/v1/files and /v1/uploads accept the same ones)."""
+    if not purpose:
+        raise InvalidRequest(
+            "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter"
+        )
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(
+            f"Invalid value for 'purpose': '{purpose}'. Supported values are: "
+            + ", ".join(f"'{p}'" for p in UPLOAD_PURPOSES)
+            + ".",
+            param="purpose",
+            code="invalid_value",
+        )
+    return purpose
+
+
+def clean_filename(name: str) -> str:
+    """Only the last path component is kept: the name is metadata, never a path on our disk."""
+    return (os.path.basename(name.replace("\\", "/")) or "upload")[:512]
+
+
+def check_file_format(filename: str, purpose: str, *, param: str) -> None:
+    """The checks a file gets when it is uploaded, whole (/v1/files) or in parts (/v1/uploads)."""
+    if purpose == "fine-tune" and not filename.lower().endswith(".jsonl"):
+        raise InvalidRequest(
+            f"Invalid file format for Fine-Tuning API. Must be .jsonl (got '{filename}').",
+            param=param,
+            code="invalid_file_format",
+        )
+
+
 async def upload_file(
     state: AppState, *, principal: Principal, content_type: str | None, body: AsyncIterator[bytes]
 ) -> FileObject:
@@ -58,31 +90,13 @@ async def upload_file(
                 with state.db.session() as session:
                     raise storage_exceeded(state.settings, session, principal.organization_id, None) from None
             raise
-        purpose = parsed.fields.get("purpose")
-        if not purpose:
-            raise InvalidRequest(
-                "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter"
-            )
-        if purpose not in UPLOAD_PURPOSES:
-            raise InvalidRequest(
-                f"Invalid value for 'purpose': '{purpose}'. Supported values are: "
-                + ", ".join(f"'{p}'" for p in UPLOAD_PURPOSES)
-                + ".",
-                param="purpose",
-                code="invalid_value",
-            )
+        purpose = check_purpose(parsed.fields.get("purpose"))
         if parsed.filename is None:
             raise InvalidRequest(
                 "Missing required parameter: 'file'.", param="file", code="missing_required_parameter"
             )
-        # Only the last path component is kept: the name is metadata, never a path on our disk.
-        filename = os.path.basename(parsed.filename.replace("\\", "/")) or "upload"
-        if purpose == "fine-tune" and not filename.lower().endswith(".jsonl"):
-            raise InvalidRequest(
-                f"Invalid file format for Fine-Tuning API. Must be .jsonl (got '{filename}').",
-                param="file",
-                code="invalid_file_format",
-            )
+        filename = clean_filename(parsed.filename)
+        check_file_format(filename, purpose, param="file")
         expires_at = None
         seconds = parsed.fields.get("expires_after[seconds]")
         if seconds is not None:
@@ -103,7 +117,7 @@ async def upload_file(
                     key=key,
                     organization_id=principal.organization_id,
                     project_id=principal.owning_project_id,
-                    filename=filename[:512],
+                    filename=filename,
                     purpose=purpose,
                     size=parsed.bytes,
                     expires_at=expires_at,

@@ -25,18 +25,19 @@ async def stream_multipart_to_file(
     dest: Path | Callable[[], BinaryIO],
     *,
     max_bytes: int,
+    file_field: str = "file",
+    expected: str = "a `file` and a `purpose`",
 ) -> ParsedUpload:
-    """Parse a multipart body; the `file` part is written to `dest` (a path, or a function that
-    opens the binary file to write: a blob in storage), text parts are collected.
+    """Parse a multipart body; the `file_field` part (`file`; `data` for an upload's part) is
+    written to `dest` (a path, or a function that opens the binary file to write: a blob in
+    storage), text parts are collected.
 
     Raises PayloadTooLarge as soon as the file part passes max_bytes (the partial file is the
     caller's to delete).
     """
     ctype, params = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise InvalidRequest(
-            "Expected a multipart/form-data body with a `file` and a `purpose`.", param="file"
-        )
+        raise InvalidRequest(f"Expected a multipart/form-data body with {expected}.", param=file_field)
 
     result = ParsedUpload()
     state: dict = {"headers": {}, "name": None, "header_field": b"", "header_value": b"", "text": b""}
@@ -58,21 +59,21 @@ async def stream_multipart_to_file(
     def on_headers_finished():
         _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
         state["name"] = disp.get(b"name", b"").decode("utf-8", "replace")
-        if state["name"] == "file":
+        if state["name"] == file_field:
             result.filename = disp.get(b"filename", b"upload").decode("utf-8", "replace")
             out[0] = dest() if callable(dest) else open(dest, "wb")  # noqa: SIM115 - closed in on_part_end / finally
 
     def on_part_data(data, start, end):
-        if state["name"] == "file" and out[0] is not None:
+        if state["name"] == file_field and out[0] is not None:
             result.bytes += end - start
             if result.bytes > max_bytes:
-                raise PayloadTooLarge(f"File is too large: the limit is {max_bytes} bytes.", param="file")
+                raise PayloadTooLarge(f"File is too large: the limit is {max_bytes} bytes.", param=file_field)
             out[0].write(data[start:end])
         elif len(state["text"]) < 65536:
             state["text"] += data[start:end]
 
     def on_part_end():
-        if state["name"] == "file" and out[0] is not None:
+        if state["name"] == file_field and out[0] is not None:
             out[0].close()
         elif state["name"]:
             result.fields[state["name"]] = state["text"].decode("utf-8", "replace")
