@@ -319,3 +319,28 @@ def test_pause_resume_and_cancel_from_the_job_page(page, web_server, tmp_path):
     page.get_by_role("button", name="Cancel").click()
     expect(status).to_have_text("cancelled", timeout=120_000)
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+
+
+def test_a_large_file_goes_up_in_parts(page, web_server, tmp_path):
+    # The threshold (8 MB) lowered for the test: anything over 2,000 bytes goes in 1,000-byte parts.
+    if not page.url.startswith(web_server.url) or not page.evaluate(
+        "sessionStorage.getItem('tunehouse.key')"
+    ):
+        sign_in(page, web_server, ADMIN)  # when run on its own
+    page.evaluate("sessionStorage.setItem('tunehouse.chunkBytes', '2000')")
+    path = write_jsonl(tmp_path / "parts.jsonl", LINES[:40])
+    size = path.stat().st_size
+    assert size > 4000
+    page.goto(f"{web_server.url}/dashboard/#/files")
+    expect(page.get_by_role("form", name="Upload a file")).to_have_attribute("data-chunk-bytes", "2000")
+    page.requests.clear()
+    page.get_by_label("File", exact=True).set_input_files(str(path))
+    page.get_by_role("button", name="Upload").click()
+    expect(page.get_by_role("heading", name="parts.jsonl")).to_be_visible()
+    expect(page.locator("dl.kv dd").nth(2)).to_have_text(f"{size:,}")
+    parts = [u for u in page.requests if re.search(r"/v1/uploads/upload_\w+/parts$", u)]
+    assert len(parts) == -(-size // 1000)  # sequential parts, each 1,000 bytes but the last
+    assert not any(u.endswith("/v1/files") for u in page.requests)
+    file_id = page.url.rsplit("/", 1)[1]
+    assert web_server.client().files.content(file_id).read() == path.read_bytes()
+    page.evaluate("sessionStorage.removeItem('tunehouse.chunkBytes')")

@@ -366,35 +366,81 @@ async function jobPage(id) {
 
 // ---- files ------------------------------------------------------------------------------------
 
+// Files larger than this go through /v1/uploads in parts of half this size, one after another
+// (sessionStorage "tunehouse.chunkBytes" overrides it: the browser test uploads small files in parts).
+const CHUNK_BYTES = 8 * 1024 * 1024;
+
+// POST a multipart body with progress (XMLHttpRequest, not fetch: it reports upload progress).
+function send(path, body, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded, e.total); };
+    xhr.onload = () => {
+      let data = null;
+      try { data = JSON.parse(xhr.responseText || "null"); } catch (e) { /* not JSON: reported below */ }
+      if (xhr.status === 200) resolve(data);
+      else reject(new ApiError(xhr.status, data));
+    };
+    xhr.onerror = () => reject(new Error("the server could not be reached"));
+    xhr.open("POST", path);
+    xhr.setRequestHeader("Authorization", `Bearer ${key()}`);
+    xhr.send(body);
+  });
+}
+
+// One file through /v1/uploads: create, its parts in order, complete. Returns the File.
+async function uploadInParts(file, purpose, partBytes, onProgress) {
+  const mime = /\.jsonl$/i.test(file.name) ? "text/jsonl" : (file.type || "application/octet-stream");
+  const upload = await api("/v1/uploads", { method: "POST", body: { filename: file.name, purpose, bytes: file.size, mime_type: mime } });
+  try {
+    const partIds = [];
+    for (let start = 0; start < file.size; start += partBytes) {
+      const body = new FormData();
+      body.append("data", file.slice(start, start + partBytes), file.name);
+      const part = await send(`/v1/uploads/${upload.id}/parts`, body, (loaded) => onProgress(start + Math.min(loaded, partBytes), file.size));
+      partIds.push(part.id);
+      onProgress(Math.min(start + partBytes, file.size), file.size);
+    }
+    return (await api(`/v1/uploads/${upload.id}/complete`, { method: "POST", body: { part_ids: partIds } })).file;
+  } catch (e) {
+    api(`/v1/uploads/${upload.id}/cancel`, { method: "POST" }).catch(() => {});
+    throw e;
+  }
+}
+
 async function filesPage() {
   const input = h("input", { type: "file", accept: ".jsonl,.json,.txt" });
   const purpose = options(h("select"), [["fine-tune", "fine-tune"], ["evals", "evals"], ["batch", "batch"]], "fine-tune");
   const bar = h("progress", { max: 100, value: 0, id: "upload-progress", "aria-label": "Upload progress" });
   const note = h("p", { "aria-live": "polite" });
   const list = h("div");
-  const form = h("form", { class: "grid", "aria-label": "Upload a file" },
+  const chunkBytes = parseInt(sessionStorage.getItem("tunehouse.chunkBytes"), 10) || CHUNK_BYTES;
+  const form = h("form", { class: "grid", "aria-label": "Upload a file", "data-chunk-bytes": chunkBytes },
     ...field("upload-file", "File", input), ...field("upload-purpose", "Purpose", purpose),
     h("div", { class: "full row" }, h("button", { type: "submit" }, "Upload"), bar), h("div", { class: "full" }, note));
-  form.addEventListener("submit", (ev) => {
+  const progress = (loaded, total) => { bar.value = Math.round((100 * loaded) / total); };
+  form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     if (!input.files.length) { note.textContent = "Choose a file first."; return; }
-    // XMLHttpRequest, not fetch: it reports upload progress.
-    const xhr = new XMLHttpRequest();
-    const body = new FormData();
-    body.append("purpose", purpose.value);
-    body.append("file", input.files[0]);
-    xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = Math.round((100 * e.loaded) / e.total); };
-    xhr.onload = () => {
-      const data = JSON.parse(xhr.responseText || "null");
-      if (xhr.status !== 200) { note.textContent = (data && data.error && data.error.message) || `Upload failed (HTTP ${xhr.status}).`; note.className = "error"; return; }
+    const file = input.files[0];
+    note.className = "";
+    note.textContent = "Uploading…";
+    try {
+      let data;
+      if (file.size > chunkBytes) {
+        data = await uploadInParts(file, purpose.value, Math.max(1, Math.floor(chunkBytes / 2)), progress);
+      } else {
+        const body = new FormData();
+        body.append("purpose", purpose.value);
+        body.append("file", file);
+        data = await send("/v1/files", body, progress);
+      }
       bar.value = 100;
       location.hash = `#/files/${data.id}`;
-    };
-    xhr.onerror = () => { note.textContent = "Upload failed: the server could not be reached."; };
-    xhr.open("POST", "/v1/files");
-    xhr.setRequestHeader("Authorization", `Bearer ${key()}`);
-    note.textContent = "Uploading…";
-    xhr.send(body);
+    } catch (e) {
+      note.textContent = e instanceof ApiError ? (e.body && e.body.error ? e.body.error.message : `Upload failed (HTTP ${e.status}).`) : `Upload failed: ${e.message}.`;
+      note.className = "error";
+    }
   });
   main.replaceChildren(h("h1", {}, "Files"), form, h("h2", {}, "Uploaded files"), list);
   const files = await listAll("/v1/files");
