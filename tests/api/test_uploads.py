@@ -164,7 +164,7 @@ def test_each_bad_create_field_is_named(org_client, fields, param, says):
     assert says in e.value.body["message"] and e.value.body["type"] == "invalid_request_error"
 
 
-def test_missing_and_unknown_fields_are_refused(org_client):
+def test_missing_and_unknown_fields_are_refused(shared_server, org_client):
     with pytest.raises(openai.BadRequestError) as e:
         org_client.uploads.create(
             filename="t.jsonl",
@@ -183,12 +183,21 @@ def test_missing_and_unknown_fields_are_refused(org_client):
     with pytest.raises(openai.BadRequestError) as e:
         org_client.uploads.complete(up.id, part_ids=[], extra_body={"sha256": "x"})
     assert e.value.body["param"] == "sha256"
-    # A part without its `data` field.
-    with pytest.raises(openai.BadRequestError) as e:
-        org_client.post(
-            f"/uploads/{up.id}/parts", body={"other": "x"}, files=[("other", b"x")], cast_to=object
+    # A part without its `data` field; a part with a field besides it; not multipart at all.
+    with shared_server.http(org_client.api_key) as http:
+        r = http.post(f"/v1/uploads/{up.id}/parts", files={"other": ("x.bin", b"x")})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "data"), r.text
+        assert "Missing required parameter: 'data'" in r.json()["error"]["message"]
+        r = http.post(
+            f"/v1/uploads/{up.id}/parts", files={"data": ("x.bin", b"{}\n")}, data={"colour": "red"}
         )
-    assert e.value.body["param"] == "data"
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "colour"), r.text
+        r = http.post(f"/v1/uploads/{up.id}/parts", json={"data": "x"})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "data"), r.text
+        assert "multipart/form-data" in r.json()["error"]["message"]
+        # A text field (no file name), as `curl -F data=...` sends it.
+        r = http.post(f"/v1/uploads/{up.id}/parts", files={"data": (None, b"{}\n")})
+        assert r.status_code == 200 and r.json()["object"] == "upload.part", r.text
 
 
 def test_parts_over_the_declared_size_are_refused(shared_server, org_client):

@@ -221,6 +221,11 @@ async def add_part(
             raise InvalidRequest(
                 "Missing required parameter: 'data'.", param="data", code="missing_required_parameter"
             )
+        if parsed.fields:  # AddUploadPartRequest has `data` and nothing else
+            name = sorted(parsed.fields)[0]
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter"
+            )
         blob.commit()
         try:
             with state.db.transaction() as session:
