@@ -226,7 +226,12 @@ async def add_part(
             raise InvalidRequest(
                 f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter"
             )
-        blob.commit()
+        try:
+            blob.commit()
+        except FileNotFoundError:  # the sweeper took the upload's folder: it expired meanwhile
+            with state.db.session() as session:
+                _require_pending(_get(session, principal, upload_id), "add a Part to")
+            raise
         try:
             with state.db.transaction() as session:
                 # Again, under the upload's row lock: it may have been completed, cancelled or
