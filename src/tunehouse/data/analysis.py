@@ -29,12 +29,14 @@ from array import array
 from collections.abc import Callable
 from pathlib import Path
 
-from tunehouse.data.chat import TemplateError, content_text, tokenize_chat
+from tunehouse.data.chat import TemplateError, content_text, prompt_ids, tokenize_chat
 from tunehouse.data.epochs import auto_n_epochs  # OpenAI's `auto` epochs rule (REFERENCE §6.5)
 from tunehouse.data.validation import METHODS, Problem, ValidationReport, iter_examples, validate_file
 
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_PRICE_PER_MILLION = 25.0  # USD per million billable tokens (gpt-4o fine-tuning list price)
+# A reinforcement prompt must leave at least this many tokens of the context for its answers.
+MIN_ANSWER_ROOM = 16
 NEAR_DUPLICATE_THRESHOLD = 0.8  # estimated Jaccard similarity of word 3-gram sets
 NEAR_DUPLICATE_MAX_EXAMPLES = 50_000  # beyond this, only exact duplicates are looked for (~1.4 kB each)
 
@@ -157,7 +159,7 @@ def _preference_sequences(example: dict) -> tuple[list[dict], list[dict]]:
 
 # Per data format (validation.METHODS maps a method to its format): the chat examples that training
 # tokenizes for one line (two for a preference pair), and every message of the line.
-SEQUENCES = {"chat": _chat_sequences, "preference": _preference_sequences}
+SEQUENCES = {"chat": _chat_sequences, "preference": _preference_sequences, "prompt": _chat_sequences}
 
 
 def _sequences(example: dict, method: str) -> tuple[list[dict], list[dict]]:
@@ -241,6 +243,22 @@ def _analyze_file(
             n_tok = n_bill = n_train = 0
             trunc = False
             try:
+                if METHODS[method] == "prompt":
+                    # A prompt trains on the answers sampled for it: it must leave them room.
+                    n_prompt = len(prompt_ids(tokenizer, example))
+                    if n_prompt >= context_length - MIN_ANSWER_ROOM:
+                        report.add(
+                            Problem(
+                                "prompt_too_long",
+                                f"prompt has {n_prompt:,} tokens; with the context length "
+                                f"{context_length:,} that leaves fewer than {MIN_ANSWER_ROOM} tokens "
+                                "for the sampled answers. Shorten it.",
+                                line,
+                                "error",
+                            )
+                        )
+                    sequences = []  # nothing else to tokenize: the answers are sampled in training
+                    n_tok = n_bill = n_prompt
                 for seq in sequences:
                     t = tokenize_chat(tokenizer, seq, max_length=context_length)
                     n_tok += t.n_tokens

@@ -165,3 +165,16 @@ def tokenize_chat(tokenizer, example: dict, *, max_length: int | None = None) ->
     if truncated:
         ids, trained = ids[:max_length], trained[:max_length]
     return TokenizedExample(input_ids=ids, trained=trained, n_tokens=n, truncated=truncated)
+
+
+def prompt_ids(tokenizer, example: dict) -> list[int]:
+    """A reinforcement line's prompt ({"messages": [... ending with a user turn], "tools"?}) as
+    token ids, ending with the generation prompt: what the model continues, rendered exactly as
+    `tokenize_chat` renders a conversation (and as serving renders a request)."""
+    has_tools = template_supports_tools(tokenizer)
+    messages = normalize_messages(example["messages"], template_has_tools=has_tools)
+    tools = example.get("tools") or None
+    if tools and not has_tools:
+        messages, tools = with_preamble(messages, tools), None
+    text = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -27,7 +27,7 @@ from typing import Any, Literal
 Severity = Literal["error", "warning"]
 
 MAX_STORED_PER_KIND = 1000
-METHODS = {"supervised": "chat", "dpo": "preference"}
+METHODS = {"supervised": "chat", "dpo": "preference", "reinforcement": "prompt"}
 BOM = b"\xef\xbb\xbf"
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -41,6 +41,8 @@ _FORMAT_NAMES = {
     "preference": 'the preference format ({"input", "preferred_output", "non_preferred_output"}) '
     "used by method 'dpo'",
     "completions": "the legacy prompt/completion format",
+    "prompt": 'the prompt format ({"messages": [...ending with a user message], ...fields the grader '
+    "reads}) used by method 'reinforcement'",
 }
 
 
@@ -816,9 +818,48 @@ def check_preference_example(obj: Any) -> Found:
     return out
 
 
+def check_prompt_example(obj: Any) -> Found:
+    """Problems of one reinforcement line: a conversation that ends where the model answers (a user
+    or tool message), with optional tools. Every other key is the grader's (`{{item.*}}`), so none
+    is unrecognized; whether the grader finds what it references is checked with the grader
+    (evals.definitions), which this layer does not know."""
+    if (problem := _not_an_object(obj)) is not None:
+        return problem
+    out: Found = []
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        out.append(
+            (
+                "missing_messages_list",
+                "error",
+                "messages",
+                "line has no `messages` list"
+                if messages is None
+                else "`messages` must be a non-empty array of messages",
+            )
+        )
+        return out
+    parallel, names = _check_tools(obj, "", out)
+    _check_messages(messages, "messages", out, parallel=parallel, tool_names=names)
+    last = messages[-1].get("role") if isinstance(messages[-1], dict) else None
+    if last not in ("user", "tool"):
+        out.append(
+            (
+                "prompt_not_ending_with_user",
+                "error",
+                f"messages[{len(messages) - 1}]",
+                f"a reinforcement prompt must end with a user (or tool) message, the turn the model "
+                f"answers; this one ends with {last!r}. Move the reference answer to a field the grader "
+                "reads, e.g. {{item.reference}}",
+            )
+        )
+    return out
+
+
 _CHECKERS: dict[str, Callable[[Any], Found]] = {
     "chat": check_chat_example,
     "preference": check_preference_example,
+    "prompt": check_prompt_example,
 }
 
 
@@ -921,7 +962,8 @@ def validate_file(
             found = sniff_format(obj)
             if found is not None:
                 report.format = found
-                if found != expected:
+                # Prompts are chat lines without the answer: "chat" is what sniffing sees.
+                if found != expected and not (expected == "prompt" and found == "chat"):
                     add(
                         Problem(
                             "wrong_format",

@@ -33,6 +33,12 @@ def add_event(
 
 def metrics_message(step: int, total_steps: int, metrics: dict[str, float]) -> str:
     msg = f"Step {step}/{total_steps}: training loss={metrics['train_loss']:.2f}"
+    if "train_reward_mean" in metrics:  # reinforcement: what the loss is for
+        msg += f", reward={metrics['train_reward_mean']:.3f} (spread {metrics['train_reward_std']:.3f})"
+    if "valid_reward" in metrics:
+        msg += f", validation reward={metrics['valid_reward']:.3f}"
+    if "full_valid_reward" in metrics:
+        msg += f", full validation reward={metrics['full_valid_reward']:.3f}"
     if "valid_loss" in metrics:
         msg += f", validation loss={metrics['valid_loss']:.2f}"
     if "full_valid_loss" in metrics:

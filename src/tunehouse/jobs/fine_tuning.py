@@ -30,11 +30,13 @@ from sqlalchemy.exc import OperationalError
 
 from tunehouse import ids
 from tunehouse.data.analysis import check_files, context_length_for
+from tunehouse.inference.rollout import sample_groups
 from tunehouse.jobs import queue
 from tunehouse.jobs import status as st
 from tunehouse.jobs.context import DP_LOCAL_RANK, DP_MASTER, JobContext, JobGone
 from tunehouse.jobs.evaluation import evaluate
 from tunehouse.jobs.events import add_event, metrics_message
+from tunehouse.jobs.reinforcement import missing_references, reinforcement_rewarder
 from tunehouse.jobs.state_store import StoredState, discard_training_state, stored_state
 from tunehouse.store import files
 from tunehouse.store.blobs import is_disk_full
@@ -53,6 +55,8 @@ log = logging.getLogger("tunehouse.runner")
 CHECKPOINTS_KEPT = 3  # OpenAI keeps the checkpoints of the last 3 epochs
 MAX_WARNING_EVENTS = 20
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+# A reinforcement job's result file has its rewards too.
+REWARD_COLUMNS = ["train_reward_mean", "train_reward_std", "train_grader_error_rate", "valid_reward"]
 
 
 class FineTuning:
@@ -108,6 +112,16 @@ def validate(ctx: JobContext) -> None:
         code, message = report.job_error()
         ctx.fail(code=code, message=message, param=report.error_param)
         return
+    if method_type == "reinforcement":
+        for path, param in ((train_path, "training_file"), (valid_path, "validation_file")):
+            problem = missing_references(job.method["reinforcement"]["grader"], path) if path else None
+            if problem:
+                ctx.fail(
+                    code="invalid_training_file" if param == "training_file" else "invalid_validation_file",
+                    message=problem,
+                    param=param,
+                )
+                return
 
     try:
         hp = training_method(method_type).resolve_hyperparameters(requested, report.n_examples)
@@ -259,6 +273,9 @@ def train(ctx: JobContext) -> None:
         init_adapter_path=init_adapter,
     )
     spec = method.make_spec(common, hp_dict)
+    if method_type == "reinforcement":
+        spec.sampler = sample_groups
+        spec.rewarder = reinforcement_rewarder(ctx, job.method["reinforcement"]["grader"])
     started = time.monotonic()
     try:
         result = method.train(spec, hooks)
@@ -322,7 +339,9 @@ def continued_from(ctx: JobContext, job: Job) -> Path | None | bool:
 
 def finish(ctx: JobContext, job: Job, *, model_name: str, trained_tokens: int, rows: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    rewards = any(r.get("train_reward_mean") is not None for r in rows)
+    columns = RESULT_COLUMNS + (REWARD_COLUMNS if rewards else [])
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -453,6 +472,7 @@ class JobHooks:
                 "train_accuracy": metrics.get("train_mean_token_accuracy"),
                 "valid_loss": metrics.get("valid_loss"),
                 "valid_mean_token_accuracy": metrics.get("valid_mean_token_accuracy"),
+                **{k: metrics.get(k) for k in REWARD_COLUMNS if k in metrics},
             }
         )
         with self.ctx.db.transaction() as s:
@@ -462,6 +482,22 @@ class JobHooks:
                 metrics_message(step, total_steps, metrics),
                 type="metrics",
                 data={"step": step, "total_steps": total_steps, **metrics},
+            )
+
+    def on_samples(self, *, step: int, samples: list[dict]) -> None:
+        """A reinforcement step's prompts with their sampled answers and rewards, as an event."""
+        if not samples:
+            return
+        first = samples[0]
+        best = max(range(len(first["rewards"])), key=lambda i: first["rewards"][i])
+        with self.ctx.db.transaction() as s:
+            add_event(
+                s,
+                self.ctx.job_id,
+                f"Step {step} samples: best answer (reward {first['rewards'][best]:.3f}): "
+                f"{first['answers'][best][:200]!r}",
+                type="message",
+                data={"step": step, "samples": samples},
             )
 
     def on_state_saved(self, *, step: int, path: Path) -> None:

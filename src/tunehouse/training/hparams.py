@@ -208,3 +208,73 @@ def resolve_dpo_hyperparameters(requested: dict[str, Any] | None, n_examples: in
         learning_rate_multiplier=hp.learning_rate_multiplier,
         beta=beta,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reinforcement (`method.reinforcement.hyperparameters`): OpenAI's names, mapped onto GRPO
+# ----------------------------------------------------------------------------------------------
+
+GROUP_SIZE = 8  # answers sampled per prompt at compute_multiplier 1 (TRL's num_generations)
+# reasoning_effort -> the most tokens an answer may have (the model here has no separate
+# reasoning phase: effort is how long it may answer).
+ANSWER_TOKENS = {"low": 128, "default": 256, "medium": 256, "high": 512}
+AUTO_EVAL_INTERVAL = 5
+AUTO_EVAL_SAMPLES = 8
+# GRPO moves a LoRA adapter in smaller steps than supervised learning does: 0.25 x 2e-4 = 5e-5.
+AUTO_RFT_LEARNING_RATE_MULTIPLIER = 0.25
+
+
+@dataclass
+class ReinforcementHyperparameters(Hyperparameters):
+    """Resolved RFT values: n_epochs, batch_size (prompts per step), learning_rate_multiplier,
+    OpenAI's reasoning_effort / compute_multiplier / eval_interval / eval_samples, and what they
+    became: group_size (answers per prompt) and max_completion_tokens."""
+
+    reasoning_effort: str
+    compute_multiplier: float
+    eval_interval: int
+    eval_samples: int
+    group_size: int
+    max_completion_tokens: int
+    kl_beta: float
+
+
+def resolve_reinforcement_hyperparameters(
+    requested: dict[str, Any] | None, n_examples: int
+) -> ReinforcementHyperparameters:
+    """n_epochs and batch_size as for supervised jobs (n_examples counts prompts); the learning
+    rate multiplier `auto` is AUTO_RFT_LEARNING_RATE_MULTIPLIER; compute_multiplier scales the
+    group of answers per prompt (GROUP_SIZE x it, at least 2: GRPO compares answers within a
+    group); reasoning_effort picks the answer length (ANSWER_TOKENS)."""
+    requested = requested or {}
+    own = ("reasoning_effort", "compute_multiplier", "eval_interval", "eval_samples", "kl_beta")
+    hp = resolve_hyperparameters(
+        {k: v for k, v in requested.items() if k not in own and k != "learning_rate_multiplier"}, n_examples
+    )
+    lrm = requested.get("learning_rate_multiplier")
+    lrm = (
+        AUTO_RFT_LEARNING_RATE_MULTIPLIER
+        if _is_auto(lrm)
+        else _positive_float("learning_rate_multiplier", lrm)
+    )
+    effort = requested.get("reasoning_effort") or "default"
+    if effort not in ANSWER_TOKENS:
+        raise ValueError(f"reasoning_effort must be one of {', '.join(ANSWER_TOKENS)}, got {effort!r}")
+    compute = requested.get("compute_multiplier")
+    compute = 1.0 if _is_auto(compute) else _positive_float("compute_multiplier", compute)
+    interval = requested.get("eval_interval")
+    interval = AUTO_EVAL_INTERVAL if _is_auto(interval) else _positive_int("eval_interval", interval)
+    samples = requested.get("eval_samples")
+    samples = AUTO_EVAL_SAMPLES if _is_auto(samples) else _positive_int("eval_samples", samples)
+    return ReinforcementHyperparameters(
+        n_epochs=hp.n_epochs,
+        batch_size=hp.batch_size,
+        learning_rate_multiplier=lrm,
+        reasoning_effort=effort,
+        compute_multiplier=compute,
+        eval_interval=interval,
+        eval_samples=samples,
+        group_size=max(2, min(64, round(GROUP_SIZE * compute))),
+        max_completion_tokens=ANSWER_TOKENS[effort],
+        kl_beta=float(requested.get("kl_beta") or 0.0),
+    )

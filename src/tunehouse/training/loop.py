@@ -127,6 +127,10 @@ class TrainHooks(Protocol):
     def on_state_saved(self, *, step: int, path: Path) -> None:
         """After the state at `step` (optimizer steps done) was put in place at `path`."""
 
+    def on_samples(self, *, step: int, samples: list[dict]) -> None:
+        """After on_metrics, for a recipe that samples (RFT): a few of the step's prompts with
+        their answers and rewards."""
+
 
 class TrainingStopped(Exception):
     """Raised when hooks.should_stop() turned True; the last saved checkpoint stays on disk, and
@@ -420,6 +424,8 @@ def run(spec: TrainSpec, recipe: Recipe, hooks: TrainHooks) -> TrainResult:
     total_steps = steps_per_epoch * hp.n_epochs
     valid_every = max(1, math.ceil(total_steps / MAX_VALID_POINTS))
     valid_batch = min(hp.batch_size, len(valid_set))
+    if hasattr(recipe, "valid_schedule"):  # a recipe whose validation costs more (RFT samples)
+        valid_every, valid_batch = recipe.valid_schedule(total_steps, len(valid_set))
     logger.info(
         "%d training items (%d valid), %d epochs x %d steps, %d billable tokens",
         len(train_set), len(valid_set), hp.n_epochs, steps_per_epoch, data.trained_tokens,
@@ -446,16 +452,22 @@ def run(spec: TrainSpec, recipe: Recipe, hooks: TrainHooks) -> TrainResult:
         )
     recipe.prepare(m, data, saved=trainer_state, should_stop=hooks.should_stop)
 
-    def evaluate(items: list) -> tuple[float, float]:
-        """(mean loss, mean accuracy) over `items`, as the recipe defines them."""
+    def evaluate(items: list, prefix: str) -> dict[str, float]:
+        """`{prefix}loss` and `{prefix}mean_token_accuracy` over `items`, as the recipe defines
+        them, or what the recipe's own `evaluate` measures (RFT: the reward)."""
         model.eval()
-        sums = [0.0] * recipe.n_sums
-        with torch.no_grad():
-            for mb_sums, _ in recipe.micro_steps(m, items, normaliser=None):
-                sums = [a + b for a, b in zip(sums, mb_sums, strict=True)]
-        model.train()
+        try:
+            if hasattr(recipe, "evaluate"):
+                with torch.no_grad():
+                    return {f"{prefix}{k}": v for k, v in recipe.evaluate(m, items).items()}
+            sums = [0.0] * recipe.n_sums
+            with torch.no_grad():
+                for mb_sums, _ in recipe.micro_steps(m, items, normaliser=None):
+                    sums = [a + b for a, b in zip(sums, mb_sums, strict=True)]
+        finally:
+            model.train()
         n = max(1, recipe.normaliser(items))
-        return sums[0] / n, sums[1] / n
+        return {f"{prefix}loss": sums[0] / n, f"{prefix}mean_token_accuracy": sums[1] / n}
 
     # -- 5. train -----------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, betas=(0.9, 0.999), weight_decay=0.0)
@@ -565,13 +577,16 @@ def run(spec: TrainSpec, recipe: Recipe, hooks: TrainHooks) -> TrainResult:
                 # A small rotating slice of the validation set: cheap, and over the run it covers all.
                 k = (step // valid_every - 1) * valid_batch
                 sample = [valid_set[(k + i) % len(valid_set)] for i in range(valid_batch)]
-                metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = evaluate(sample)
+                metrics.update(evaluate(sample, "valid_"))
             end_of_epoch = batch_index == steps_per_epoch
             if end_of_epoch and valid_set and rank == 0:
-                metrics["full_valid_loss"], metrics["full_valid_mean_token_accuracy"] = evaluate(valid_set)
+                metrics.update(evaluate(valid_set, "full_valid_"))
                 full_valid = {k: v for k, v in metrics.items() if k.startswith("full_valid_")}
             logger.debug("step %d/%d %s", step, total_steps, metrics)
             hooks.on_metrics(step=step, total_steps=total_steps, metrics=metrics)
+            on_samples = getattr(hooks, "on_samples", None)
+            if on_samples is not None and hasattr(recipe, "step_samples") and rank == 0:
+                on_samples(step=step, samples=recipe.step_samples())
             # Periodic save (after on_metrics, so a resumed run never skips a reported step). The
             # last step of an epoch waits for the epoch-end save, after its checkpoint.
             every = spec.save_state_every_seconds

@@ -44,10 +44,29 @@ class DpoMethod(BaseModel):
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
+class ReinforcementHyperparameters(Hyperparameters):
+    """OpenAI's FineTuneReinforcementHyperparameters; what each maps to here is in
+    training/hparams.py (`resolve_reinforcement_hyperparameters`) and the README."""
+
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    compute_multiplier: Auto | Annotated[float, Field(gt=0, le=10)] = "auto"
+    eval_interval: Auto | Annotated[int, Field(ge=1)] = "auto"
+    eval_samples: Auto | Annotated[int, Field(ge=1)] = "auto"
+    # tunehouse extension: weight of the KL penalty to the base model (0: none, TRL's default).
+    kl_beta: Annotated[float, Field(ge=0, le=10)] = 0.0
+
+
+class ReinforcementMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters = Field(default_factory=ReinforcementHyperparameters)
+
+
 # Each method's hyperparameters object, by `method.type`.
 METHOD_HYPERPARAMETERS: dict[str, type[Hyperparameters]] = {
     "supervised": Hyperparameters,
     "dpo": DpoHyperparameters,
+    "reinforcement": ReinforcementHyperparameters,
 }
 
 
@@ -55,7 +74,7 @@ class Method(BaseModel):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: ReinforcementMethod | None = None
 
 
 class Evaluation(BaseModel):

@@ -209,6 +209,28 @@ def _evaluation_options(
     return {"graders": specs, "select_checkpoint": ev.select_checkpoint, "general_checks": ev.general_checks}
 
 
+def _reinforcement_grader(
+    settings: Settings, session: Session, principal: Principal, req: CreateFineTuningJobRequest
+) -> dict:
+    """`method.reinforcement.grader`, checked now (its type, fields, templates, python source,
+    the models it names), not when training starts."""
+    if req.method.reinforcement is None:
+        raise InvalidRequest(
+            "A reinforcement job needs method.reinforcement with the grader that scores its answers.",
+            param="method.reinforcement",
+        )
+    param = "method.reinforcement.grader"
+    # OpenAI's FineTuneReinforcementMethod takes these grader types (a label_model only inside a
+    # multi grader) and no pass_threshold.
+    grader = parse_grader(
+        req.method.reinforcement.grader, param=param, allow_label_model=False, allow_pass_threshold=False
+    )
+    for model, where in grader.models().items():
+        if not is_base_model(settings, model) and usable_checkpoint(session, principal, model) is None:
+            raise ModelNotFound(model, param=where)
+    return {"grader": grader.spec}
+
+
 def create_job(
     settings: Settings,
     session: Session,
@@ -234,6 +256,7 @@ def create_job(
         options["overlap_is_error"] = True
     if req.evaluation is not None:
         options["evaluation"] = _evaluation_options(settings, session, principal, req)
+    extra = _reinforcement_grader(settings, session, principal, req) if method_type == "reinforcement" else {}
     # Quotas before anything is written: a refused job leaves no row and no event.
     billing = admit_job(
         settings,
@@ -255,7 +278,7 @@ def create_job(
         validation_file=req.validation_file,
         suffix=req.suffix,
         seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
-        method={"type": method_type, method_type: {"hyperparameters": hyper}},
+        method={"type": method_type, method_type: {**extra, "hyperparameters": hyper}},
         metadata_=req.metadata,
         integrations=None,
         options=options or None,

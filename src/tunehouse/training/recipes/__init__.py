@@ -13,7 +13,7 @@ from typing import Any
 
 from tunehouse.training import hparams
 from tunehouse.training.loop import TrainHooks, TrainResult, TrainSpec
-from tunehouse.training.recipes import dpo, supervised
+from tunehouse.training.recipes import dpo, reinforcement, supervised
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,28 @@ def _dpo_spec(common: dict[str, Any], resolved: dict[str, Any]) -> TrainSpec:
     return dpo.DpoSpec(**common, beta=float(resolved["beta"]))
 
 
+def _reinforcement_spec(common: dict[str, Any], resolved: dict[str, Any]) -> TrainSpec:
+    # The sampler and the rewarder are the job's to give (jobs/fine_tuning.py): training knows
+    # neither the inference engine nor the graders.
+    return reinforcement.ReinforcementSpec(
+        **common,
+        group_size=int(resolved["group_size"]),
+        max_completion_tokens=int(resolved["max_completion_tokens"]),
+        kl_beta=float(resolved.get("kl_beta", 0.0)),
+        eval_interval=int(resolved["eval_interval"]),
+        eval_samples=int(resolved["eval_samples"]),
+    )
+
+
 METHODS: dict[str, Method] = {
     "supervised": Method("supervised", hparams.resolve_hyperparameters, _supervised_spec, supervised.train),
     "dpo": Method("dpo", hparams.resolve_dpo_hyperparameters, _dpo_spec, dpo.train),
+    "reinforcement": Method(
+        "reinforcement",
+        hparams.resolve_reinforcement_hyperparameters,
+        _reinforcement_spec,
+        reinforcement.train,
+    ),
 }
 
 
