@@ -66,6 +66,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "missing":
             message = f"Missing required parameter: '{param}'."
             code = "missing_required_parameter"
+        elif first.get("type") == "extra_forbidden":
+            # A field the request type does not define: refused, never silently dropped.
+            message = f"Unrecognized request argument supplied: '{param}'."
+            code = "unknown_parameter"
         elif first.get("type") == "json_invalid":
             message = "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly.)"
             code = None

@@ -1,11 +1,14 @@
-"""Wire types of /v1/chat/completions, field for field as OpenAI's (request fields we do not act on,
-such as `user`, are accepted and ignored, as OpenAI's optional fields)."""
+"""Wire types of /v1/chat/completions, field for field as OpenAI's.
+
+The request takes exactly the fields of OpenAI's `CreateChatCompletionRequest`: any other field is
+a 400 naming it. Which ones are honoured, and which are refused with a 400 naming them (audio,
+predicted outputs, web search, ...), is `api/chat/service.py`'s `check_supported`."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, field_validator, model_serializer
 
 
 class ChatMessage(BaseModel):
@@ -26,33 +29,53 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool | None = None
     include_obfuscation: bool | None = None
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
+    """In the spec's order; each field's fate (honoured or refused) is in the service's checks."""
+
+    model_config = ConfigDict(extra="forbid")
+    metadata: dict[str, str] | None = None  # checked as OpenAI does (16 pairs, 64/512 characters)
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = 1
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    response_format: dict[str, Any] | None = None
-    seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
     top_p: Annotated[float, Field(ge=0, le=1)] | None = 1.0
+    user: str | None = None
+    safety_identifier: Annotated[str, Field(max_length=64)] | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    web_search_options: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    store: bool | None = None
+    moderation: dict[str, Any] | None = None
+    stream: bool | None = False
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = 1
+    prediction: dict[str, Any] | None = None
+    seed: int | None = None
+    stream_options: StreamOptions | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    user: str | None = None
+    # Deprecated by OpenAI in favour of tools / tool_choice, still honoured (mapped onto them).
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+    functions: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=128)] | None = None
 
 
 class FunctionCall(BaseModel):
@@ -71,7 +94,16 @@ class AssistantMessage(BaseModel):
     content: str | None
     refusal: str | None = None
     annotations: list[Any] = Field(default_factory=list)
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = None  # left out when there are none (the schema has no null)
+    function_call: FunctionCall | None = None  # the legacy `functions` form's answer, left out likewise
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler, info: SerializationInfo):
+        out = handler(self)
+        for key in ("tool_calls", "function_call"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class TopLogprob(BaseModel):

@@ -7,6 +7,8 @@ checks pydantic cannot make, the chat template and tools, and the wire objects.
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -32,9 +34,142 @@ from tunehouse.inference import tools as tool_calls
 from tunehouse.inference.constrained import InvalidResponseFormat, validate_response_format
 from tunehouse.inference.engine import Delta, ModelRef, PartialChoice, SamplingParams, TokenLogprob
 
+log = logging.getLogger(__name__)
+
+
+def _unsupported(param: str, what: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Unsupported parameter: '{param}' {what}", param=param, code="unsupported_parameter"
+    )
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's Metadata: at most 16 pairs, keys up to 64 characters, values up to 512."""
+    if metadata is None:
+        return
+    if len(metadata) > 16:
+        raise InvalidRequest(
+            f"Invalid 'metadata': too many keys ({len(metadata)}); at most 16 are allowed.",
+            param="metadata",
+            code="invalid_value",
+        )
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise InvalidRequest(
+                f"Invalid 'metadata': the key {key[:70]!r}... is longer than 64 characters.",
+                param="metadata",
+                code="invalid_value",
+            )
+        if len(value) > 512:
+            raise InvalidRequest(
+                f"Invalid 'metadata': the value of {key!r} is longer than 512 characters.",
+                param="metadata",
+                code="invalid_value",
+            )
+
+
+def check_refused(req: ChatCompletionRequest) -> None:
+    """The spec's fields this server cannot honour: each is a 400 naming it, never ignored."""
+    if req.store:
+        raise _unsupported(
+            "store",
+            "is not supported by this server: chat completions are not stored (there are no stored "
+            "chat completions endpoints). Leave it unset or false.",
+        )
+    if req.audio is not None:
+        raise _unsupported("audio", "is not supported by this server: it produces text only.")
+    if req.modalities is not None and any(m != "text" for m in req.modalities):
+        raise _unsupported("modalities", "other than ['text'] is not supported by this server.")
+    if req.prediction is not None:
+        raise _unsupported("prediction", "(predicted outputs) is not supported by this server.")
+    if req.web_search_options is not None:
+        raise _unsupported("web_search_options", "is not supported by this server: it has no web search.")
+    if req.moderation is not None:
+        raise _unsupported("moderation", "is not supported by this server: it runs no moderation model.")
+    if req.reasoning_effort is not None:
+        raise _unsupported(
+            "reasoning_effort", "is not supported with this model: the models served here do not reason."
+        )
+    if req.verbosity not in (None, "medium"):
+        raise _unsupported("verbosity", "other than 'medium' (the default) is not supported by this server.")
+    if req.prompt_cache_retention == "24h":
+        raise _unsupported(
+            "prompt_cache_retention",
+            "'24h' is not supported by this server: its prompt cache is in memory only ('in_memory').",
+        )
+    opts = req.prompt_cache_options or {}
+    for key in opts:
+        if key not in ("ttl", "mode"):
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: 'prompt_cache_options.{key}'.",
+                param=f"prompt_cache_options.{key}",
+                code="unknown_parameter",
+            )
+    if opts.get("ttl") not in (None, "30m"):
+        raise InvalidRequest(
+            f"Invalid value for 'prompt_cache_options.ttl': {opts['ttl']!r}. Supported values are: '30m'.",
+            param="prompt_cache_options.ttl",
+            code="invalid_value",
+        )
+    if opts.get("mode") not in (None, "implicit"):
+        raise _unsupported(
+            "prompt_cache_options.mode",
+            f"{opts['mode']!r} is not supported by this server: its prompt cache is implicit only.",
+        )
+
+
+_TOOL_PARAMS = re.compile(r"tools\[(\d+)\]\.function|tools|tool_choice")
+
+
+def _legacy_name(text: str) -> str:
+    """A tools error's wording in the legacy `functions` / `function_call` names."""
+    return _TOOL_PARAMS.sub(
+        lambda m: (
+            f"functions[{m.group(1)}]"
+            if m.group(1)
+            else {"tools": "functions"}.get(m.group(0), "function_call")
+        ),
+        text,
+    )
+
+
+def tool_spec(req: ChatCompletionRequest) -> tool_calls.ToolSpec | None:
+    """The request's function calling, from `tools` / `tool_choice` or the legacy `functions` /
+    `function_call` (mapped onto them: one call at most, answered as `message.function_call`)."""
+    if req.functions is None and req.function_call is None:
+        try:
+            return tool_calls.validate(req.tools, req.tool_choice, req.parallel_tool_calls)
+        except tool_calls.InvalidTools as e:
+            raise InvalidRequest(str(e), param=e.param, code="invalid_value") from None
+    if req.tools is not None or req.tool_choice is not None:
+        raise InvalidRequest(
+            "Invalid 'functions': use either 'tools' / 'tool_choice' or the deprecated 'functions' / "
+            "'function_call', not both.",
+            param="functions",
+            code="invalid_value",
+        )
+    tools = [{"type": "function", "function": f} for f in req.functions or []]
+    fc = req.function_call
+    if isinstance(fc, dict):
+        if set(fc) != {"name"} or not isinstance(fc.get("name"), str):
+            raise InvalidRequest(
+                "Invalid 'function_call': expected 'none', 'auto' or {'name': ...}.",
+                param="function_call",
+                code="invalid_value",
+            )
+        fc = {"type": "function", "function": {"name": fc["name"]}}
+    try:
+        return tool_calls.validate(tools, fc, False)
+    except tool_calls.InvalidTools as e:
+        raise InvalidRequest(
+            _legacy_name(str(e)), param=_legacy_name(e.param), code="invalid_value"
+        ) from None
+
 
 def check_supported(req: ChatCompletionRequest) -> tool_calls.ToolSpec | None:
     """Validate what pydantic cannot; returns the request's function-calling spec."""
+    check_refused(req)
+    check_metadata(req.metadata)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest(
             "Invalid value for 'top_logprobs': 'logprobs' must be true to use 'top_logprobs'.",
@@ -48,10 +183,18 @@ def check_supported(req: ChatCompletionRequest) -> tool_calls.ToolSpec | None:
         validate_response_format(req.response_format)
     except InvalidResponseFormat as e:
         raise InvalidRequest(str(e), param="response_format", code="invalid_value") from None
-    try:
-        return tool_calls.validate(req.tools, req.tool_choice, req.parallel_tool_calls)
-    except tool_calls.InvalidTools as e:
-        raise InvalidRequest(str(e), param=e.param, code="invalid_value") from None
+    spec = tool_spec(req)
+    if req.user or req.safety_identifier or req.prompt_cache_key:
+        # Accepted as OpenAI does; here they only go to the server's log, with the key and model,
+        # so an operator can trace a request to the application's end user.
+        log.info(
+            "chat completion for model %s: user=%r safety_identifier=%r prompt_cache_key=%r",
+            req.model,
+            req.user,
+            req.safety_identifier,
+            req.prompt_cache_key,
+        )
+    return spec
 
 
 def sampling_params(req: ChatCompletionRequest, spec: tool_calls.ToolSpec | None) -> SamplingParams:
@@ -110,6 +253,7 @@ async def complete(
 ) -> ChatCompletion:
     params, gen = await _start(state, principal, engine, model, req, spec)
     parts = [PartialChoice(i) for i in range(params.n)]
+    legacy = req.functions is not None
     usage = await serving.collect(gen, lambda _, item: parts[item.index].add(item))
 
     choices = []
@@ -117,16 +261,26 @@ async def complete(
         text, reason, calls = part.text, part.finish_reason or "length", []
         if spec is not None and spec.parse:
             text, calls = tool_calls.parse(text, spec.names)
+            if not spec.parallel:
+                calls = calls[:1]  # `parallel_tool_calls: false` (and legacy functions): one call at most
             if calls and reason == "stop":
-                reason = "tool_calls"
-        message = AssistantMessage(
-            content=text,
-            tool_calls=[
-                ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"]))
-                for c in calls
-            ]
-            or None,
-        )
+                reason = "function_call" if legacy else "tool_calls"
+        if legacy:
+            message = AssistantMessage(
+                content=text,
+                function_call=FunctionCall(name=calls[0]["name"], arguments=calls[0]["arguments"])
+                if calls
+                else None,
+            )
+        else:
+            message = AssistantMessage(
+                content=text,
+                tool_calls=[
+                    ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+                    for c in calls
+                ]
+                or None,
+            )
         lp = ChoiceLogprobs(content=wire_logprobs(part.logprobs)) if params.logprobs else None
         choices.append(ChatChoice(index=part.index, message=message, logprobs=lp, finish_reason=reason))
     return ChatCompletion(
@@ -144,11 +298,17 @@ async def open_stream(
     """Validates and queues before the first byte (so errors get a proper status), then yields SSE lines."""
     params, gen = await _start(state, principal, engine, model, req, spec)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return _sse(gen, model.name, params, spec, include_usage=include_usage)
+    return _sse(gen, model.name, params, spec, include_usage=include_usage, legacy=req.functions is not None)
 
 
 def _sse(
-    gen: serving.Generation, model_name: str, params: SamplingParams, spec, *, include_usage: bool
+    gen: serving.Generation,
+    model_name: str,
+    params: SamplingParams,
+    spec,
+    *,
+    include_usage: bool,
+    legacy: bool = False,
 ) -> AsyncIterator[str]:
     base = {"id": ids.completion_id(), "created": int(time.time()), "model": model_name}
     usage_field = {"usage": None} if include_usage else {}
@@ -173,13 +333,18 @@ def _sse(
                 chunk([ChunkChoice(index=item.index, delta={"content": text}, logprobs=lp)], **usage_field)
             )
         for call in calls:
-            out.append(
-                chunk([ChunkChoice(index=item.index, delta={"tool_calls": [call.wire()]})], **usage_field)
-            )
+            if call.index > 0 and not spec.parallel:
+                continue  # one call at most (`parallel_tool_calls: false`, legacy functions)
+            if legacy:  # the deprecated form: `function_call` pieces, name first, then arguments
+                piece = call.wire()["function"]
+                delta = {"function_call": piece if call.id is not None else {"arguments": call.arguments}}
+            else:
+                delta = {"tool_calls": [call.wire()]}
+            out.append(chunk([ChunkChoice(index=item.index, delta=delta)], **usage_field))
         if item.finish_reason:
             reason = item.finish_reason
             if parser is not None and parser.calls and reason == "stop":
-                reason = "tool_calls"
+                reason = "function_call" if legacy else "tool_calls"
             out.append(chunk([ChunkChoice(index=item.index, delta={}, finish_reason=reason)], **usage_field))
         return out
 

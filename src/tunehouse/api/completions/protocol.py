@@ -10,7 +10,10 @@ from tunehouse.api.chat.protocol import CompletionUsage, StreamOptions
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Exactly the fields of OpenAI's `CreateCompletionRequest` (any other is a 400 naming it);
+    `suffix`, `best_of` other than 1 or `n`, and `echo` with `logprobs` are refused by the service."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str
     # A string, a list of strings, a list of token ids, or a list of lists of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]

@@ -8,6 +8,7 @@ leaves) is `api/serving.py`'s, as for chat; chunks are the `Completion` wire mod
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -25,6 +26,8 @@ from tunehouse.api.completions.protocol import (
 from tunehouse.api.serving import REQUEST_ERRORS, engine_error
 from tunehouse.errors import InvalidRequest
 from tunehouse.inference.engine import Delta, ModelRef, PartialChoice, SamplingParams, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 def check_supported(req: CompletionRequest) -> None:
@@ -52,6 +55,8 @@ def check_supported(req: CompletionRequest) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidRequest("Invalid 'prompt': it must not be empty.", param="prompt", code="invalid_value")
     serving.logit_bias(req.logit_bias)
+    if req.user:  # accepted as OpenAI does; here it only goes to the server's log
+        log.info("completion for model %s: user=%r", req.model, req.user)
 
 
 def _raw_prompts(req: CompletionRequest) -> list[str | list[int]]:
