@@ -4,14 +4,19 @@ metrics, result file, checkpoints), and its model is served; bad graders and hyp
 refused at create with the wrong field's `param`, and lines that lack what the grader reads fail
 the job with their line numbers. Whether GRPO learns is shown on the real model (bench/, README)."""
 
+import base64
 import csv
 import io
 import json
+import os
+import signal
+import subprocess
+import time
 
 import openai
 import pytest
 
-from tests.api.conftest import wait_for_job, write_jsonl
+from tests.api.conftest import LiveServer, wait_for_job, write_jsonl
 from tests.conftest import TINY_MODEL
 
 FUZZY = {
@@ -118,12 +123,18 @@ def test_the_job_reports_rewards_and_its_model_answers(client, trained):
     samples = [e for e in events if e.message.startswith("Step ") and "samples" in e.message]
     assert samples and len(samples[0].data["samples"][0]["answers"]) == 4
     assert "reward=" in next(e.message for e in events if e.type == "metrics")
+    assert all(m["base_valid_reward"] == metrics[0]["base_valid_reward"] for m in metrics)
+    # The alpha graders endpoint gives a training answer the reward training gave it.
+    sample = samples[0].data["samples"][0]
+    for answer, reward in list(zip(sample["answers"], sample["rewards"], strict=True))[:2]:
+        run = client.fine_tuning.alpha.graders.run(grader=BY_LENGTH, model_sample=answer, item=sample["item"])
+        assert run.reward == pytest.approx(reward)
 
     checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
     assert 0.0 <= checkpoint.metrics.model_extra["full_valid_reward"] <= 1.0
 
     raw = client.files.content(job.result_files[0]).read()
-    rows = list(csv.DictReader(io.StringIO(raw.decode())))
+    rows = list(csv.DictReader(io.StringIO(base64.b64decode(raw).decode())))
     assert len(rows) == 5 and rows[0]["train_reward_mean"] != ""
 
     reply = client.chat.completions.create(
@@ -203,3 +214,46 @@ def test_bad_reinforcement_requests_are_refused_at_create(client, files, method,
     else:
         assert "no-such-model" in e.value.body["message"]
     assert len(client.fine_tuning.jobs.list(limit=100).data) == before
+
+
+def _rewards(client, job_id) -> list[tuple[int, float]]:
+    events = client.fine_tuning.jobs.list_events(job_id, limit=10000).data
+    return sorted((e.data["step"], e.data["train_reward_mean"]) for e in events if e.type == "metrics")
+
+
+def test_a_killed_rft_process_resumes_step_for_step(settings, tmp_path):
+    """Each step's answers are drawn from a seed the saved state restores: a run killed with -9
+    and resumed samples, grades and trains exactly as one never interrupted."""
+    settings.state_save_seconds = 0  # save after every step, so the kill loses nothing
+    with LiveServer(settings) as live:
+        client = live.client()
+        train = client.files.create(
+            file=write_jsonl(tmp_path / "t.jsonl", lines(prompts(10))).open("rb"), purpose="fine-tune"
+        )
+        method = rft(BY_LENGTH, n_epochs=2, batch_size=1, compute_multiplier=0.5, max_completion_tokens=16)
+
+        def create():
+            return client.fine_tuning.jobs.create(
+                model=TINY_MODEL, training_file=train.id, seed=9, method=method
+            )
+
+        reference = wait_for_job(client, create().id, timeout=300)
+        assert reference.status == "succeeded", reference.error
+        job = create()
+        deadline = time.time() + 120
+        while len(_rewards(client, job.id)) < 4:
+            assert time.time() < deadline, "training made no progress"
+            time.sleep(0.2)
+        pids = subprocess.run(
+            ["pgrep", "-f", f"tunehouse.jobs.runner train {job.id}"], capture_output=True, text=True
+        ).stdout.split()
+        assert pids
+        for pid in pids:
+            os.kill(int(pid), signal.SIGKILL)
+        done = wait_for_job(client, job.id, timeout=300)
+        assert done.status == "succeeded", done.error
+        got = _rewards(client, job.id)
+        assert [s for s, _ in got] == list(range(1, 21)), "every step exactly once"
+        assert got == _rewards(client, reference.id)
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+        assert any(m.startswith("Fine-tuning job resumed from step ") for m in messages)

@@ -245,9 +245,17 @@ def resolve_reinforcement_hyperparameters(
     """n_epochs and batch_size as for supervised jobs (n_examples counts prompts); the learning
     rate multiplier `auto` is AUTO_RFT_LEARNING_RATE_MULTIPLIER; compute_multiplier scales the
     group of answers per prompt (GROUP_SIZE x it, at least 2: GRPO compares answers within a
-    group); reasoning_effort picks the answer length (ANSWER_TOKENS)."""
+    group); reasoning_effort picks the answer length (ANSWER_TOKENS), unless the tunehouse extension
+    max_completion_tokens sets it."""
     requested = requested or {}
-    own = ("reasoning_effort", "compute_multiplier", "eval_interval", "eval_samples", "kl_beta")
+    own = (
+        "reasoning_effort",
+        "compute_multiplier",
+        "eval_interval",
+        "eval_samples",
+        "kl_beta",
+        "max_completion_tokens",
+    )
     hp = resolve_hyperparameters(
         {k: v for k, v in requested.items() if k not in own and k != "learning_rate_multiplier"}, n_examples
     )
@@ -275,6 +283,8 @@ def resolve_reinforcement_hyperparameters(
         eval_interval=interval,
         eval_samples=samples,
         group_size=max(2, min(64, round(GROUP_SIZE * compute))),
-        max_completion_tokens=ANSWER_TOKENS[effort],
+        max_completion_tokens=_positive_int("max_completion_tokens", requested["max_completion_tokens"])
+        if requested.get("max_completion_tokens") is not None
+        else ANSWER_TOKENS[effort],
         kl_beta=float(requested.get("kl_beta") or 0.0),
     )

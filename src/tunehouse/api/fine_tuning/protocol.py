@@ -33,6 +33,7 @@ class Hyperparameters(BaseModel):
 
 
 class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
@@ -41,6 +42,7 @@ class DpoHyperparameters(Hyperparameters):
 
 
 class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
@@ -54,6 +56,8 @@ class ReinforcementHyperparameters(Hyperparameters):
     eval_samples: Auto | Annotated[int, Field(ge=1)] = "auto"
     # tunehouse extension: weight of the KL penalty to the base model (0: none, TRL's default).
     kl_beta: Annotated[float, Field(ge=0, le=10)] = 0.0
+    # tunehouse extension: the most tokens an answer may have (default: from reasoning_effort).
+    max_completion_tokens: Annotated[int, Field(ge=1, le=32768)] | None = None
 
 
 class ReinforcementMethod(BaseModel):
@@ -71,6 +75,7 @@ METHOD_HYPERPARAMETERS: dict[str, type[Hyperparameters]] = {
 
 
 class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
@@ -91,6 +96,10 @@ class Evaluation(BaseModel):
 
 
 class CreateFineTuningJobRequest(BaseModel):
+    """OpenAI's fields and two tunehouse extensions (`overlap_is_error`, `evaluation`); any other
+    field, here or in `method`, is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
     model: str
     training_file: str
     hyperparameters: Hyperparameters | None = None  # deprecated top-level form, still sent by old clients

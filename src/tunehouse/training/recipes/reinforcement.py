@@ -156,10 +156,22 @@ class Reinforcement:
         )
 
     def prepare(self, m: Model, data: Data, *, saved: dict | None, should_stop) -> None:
-        self.pad_id = m.pad_id
+        # The starting model's validation reward, the figure every later one is compared with
+        # (reported with each step's metrics; kept in the saved state for a resumed run).
+        self.base_valid: dict[str, float] = {}
+        if saved is not None and "base_valid_reward" in saved:
+            self.base_valid = {"base_valid_reward": float(saved["base_valid_reward"])}
+        elif data.valid:
+            m.model.eval()
+            try:
+                with torch.no_grad():
+                    self.base_valid = {"base_valid_reward": self.evaluate(m, data.valid)["reward"]}
+            finally:
+                m.model.train()
+            logger.info("validation reward before training: %.4f", self.base_valid["base_valid_reward"])
 
     def state_extra(self) -> dict:
-        return {}
+        return dict(self.base_valid)
 
     def normaliser(self, items: Sequence[Prompt]) -> float:
         return len(items)  # metrics are per prompt; the loss is normalised by answer tokens itself
@@ -228,6 +240,7 @@ class Reinforcement:
                     advantages.append(advantage)
         self.samples = [
             {
+                "item": p.line,
                 "prompt": self.tokenizer.decode(p.ids),
                 "answers": texts[i * g : (i + 1) * g],
                 "rewards": rewards[i * g : (i + 1) * g],
@@ -296,6 +309,7 @@ class Reinforcement:
             "generation_seconds": gen_s,
             "training_seconds": train_s,
             "generated_tokens": tokens,
+            **self.base_valid,
         }
 
     def step_samples(self) -> list[dict]:
