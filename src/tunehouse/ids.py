@@ -146,3 +146,13 @@ def eval_output_item_id() -> str:
 def testing_criterion_id(name: str) -> str:
     """A testing criterion of an eval, as OpenAI names them: `<name>-<uuid4>`."""
     return f"{name}-{uuid.uuid4()}"
+
+
+def batch_id() -> str:
+    """A batch; also the id of the job (jobs table, kind "batch") that runs it."""
+    return f"batch_{uuid.uuid4().hex}"
+
+
+def batch_request_id() -> str:
+    """One request of a batch, as its output and error files name it."""
+    return f"batch_req_{uuid.uuid4().hex}"

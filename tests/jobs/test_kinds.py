@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 from tests.jobs.conftest import create_job
 from tests.jobs.test_faults import _run_phase
 from tunehouse.jobs import queue
+from tunehouse.jobs.batch import BatchKind
 from tunehouse.jobs.eval_run import EvalRunKind
 from tunehouse.jobs.fine_tuning import FineTuning
 from tunehouse.jobs.kinds import KINDS, kind
@@ -17,12 +18,13 @@ from tunehouse.store.tables import Job
 
 
 def test_the_kinds_table() -> None:
-    assert set(KINDS) == {"fine_tuning", "eval_run"}
+    assert set(KINDS) == {"fine_tuning", "eval_run", "batch"}
     assert isinstance(kind("fine_tuning"), FineTuning)
     assert isinstance(kind("eval_run"), EvalRunKind)
+    assert isinstance(kind("batch"), BatchKind)
     assert isinstance(kind(None), FineTuning)  # a row from before kinds existed
-    with pytest.raises(ValueError, match="unknown job kind 'batch'"):
-        kind("batch")
+    with pytest.raises(ValueError, match="unknown job kind 'embedding'"):
+        kind("embedding")
 
 
 def test_a_job_of_a_kind_this_server_does_not_run_fails_clearly(api, tmp_path) -> None:
@@ -33,7 +35,7 @@ def test_a_job_of_a_kind_this_server_does_not_run_fails_clearly(api, tmp_path) -
         with db.session() as s:
             assert s.scalar(select(Job.kind).where(Job.id == job.id)) == "fine_tuning"
         with db.transaction() as s:
-            s.execute(update(Job).where(Job.id == job.id).values(kind="batch"))
+            s.execute(update(Job).where(Job.id == job.id).values(kind="embedding"))
         # The fine-tuning endpoints show fine-tuning jobs only.
         with pytest.raises(openai.NotFoundError):
             client.fine_tuning.jobs.retrieve(job.id)
@@ -45,6 +47,6 @@ def test_a_job_of_a_kind_this_server_does_not_run_fails_clearly(api, tmp_path) -
             failed = s.scalar(select(Job).where(Job.id == job.id))
         assert failed.status == "failed"
         assert failed.error["code"] == "server_error"
-        assert "unknown job kind 'batch'" in failed.error["message"]
+        assert "unknown job kind 'embedding'" in failed.error["message"]
     finally:
         db.dispose()

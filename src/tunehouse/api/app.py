@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from tunehouse import __version__, ids
+from tunehouse.api.batches.router import router as batches_router
 from tunehouse.api.chat.router import router as chat_router
 from tunehouse.api.completions.router import router as completions_router
 from tunehouse.api.dashboard.router import pages as dashboard_pages
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
         organization_router,
         permissions_router,
         evals_router,
+        batches_router,
         dashboard_router,
         dashboard_pages,
     ):

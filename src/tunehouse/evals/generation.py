@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -24,7 +24,14 @@ from sqlalchemy.orm import Session
 from tunehouse.config import Settings
 from tunehouse.errors import ModelNotFound
 from tunehouse.graders import Completion
-from tunehouse.inference.engine import ContextLengthExceeded, Delta, ModelRef, SamplingParams, Usage
+from tunehouse.inference.engine import (
+    ContextLengthExceeded,
+    Delta,
+    ModelRef,
+    PartialChoice,
+    SamplingParams,
+    Usage,
+)
 from tunehouse.store.blobs import open_blobs
 from tunehouse.store.catalog import is_base_model, resolve_base_model
 from tunehouse.store.tables import Checkpoint
@@ -37,6 +44,8 @@ class GenResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # the prompt could not run (too long for the context, say)
+    # Every choice with its logprobs (`run` takes any n; `text`/`finish_reason` are choice 0's).
+    choices: list[PartialChoice] = field(default_factory=list)
 
 
 def resolve_model(settings: Settings, session: Session, name: str, *, param: str = "model") -> ModelRef:
@@ -90,12 +99,31 @@ class Generator:
         if params.n != 1:
             raise ValueError("eval generation samples one choice per prompt")
         engine = self.engine
+        requests = []
+        for index, messages in enumerate(prompts):
+            try:
+                requests.append((index, engine.encode_chat(model, messages, tools=tools), params))
+            except (ContextLengthExceeded, ValueError) as e:
+                on_result(index, GenResult(finish_reason="error", error=str(e)))
+        self.run(model, requests, on_result, should_stop=should_stop)
+
+    def run(
+        self,
+        model: ModelRef,
+        requests: list[tuple[int, list[int], SamplingParams]],
+        on_result: Callable[[int, GenResult], None],
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """`generate` for prompts already tokenized, each (index, token ids, params) with its own
+        sampling parameters and any `n` (a batch's requests: jobs/batch.py). Everything is
+        submitted at once; `on_result(index, result)` as each finishes."""
+        engine = self.engine
         done: queue.SimpleQueue[tuple[int, GenResult]] = queue.SimpleQueue()
         handles = []
         pending = 0
-        for index, messages in enumerate(prompts):
+        for index, ids, params in requests:
             try:
-                ids = engine.encode_chat(model, messages, tools=tools)
                 handles.append(engine.submit(model, ids, params, _Collector(index, len(ids), done.put)))
                 pending += 1
             except (ContextLengthExceeded, ValueError) as e:
@@ -196,9 +224,14 @@ class _Collector:
 
     def __call__(self, event: Delta | Usage | BaseException) -> None:
         if isinstance(event, Delta):
-            self.result.text += event.text
-            if event.finish_reason:
-                self.result.finish_reason = event.finish_reason
+            choices = self.result.choices
+            while len(choices) <= event.index:
+                choices.append(PartialChoice(len(choices)))
+            choices[event.index].add(event)
+            if event.index == 0:
+                self.result.text += event.text
+                if event.finish_reason:
+                    self.result.finish_reason = event.finish_reason
         elif isinstance(event, Usage):
             self.result.prompt_tokens = event.prompt_tokens
             self.result.completion_tokens = event.completion_tokens

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from tunehouse.config import Settings
+from tunehouse.jobs.batch import BatchKind
 from tunehouse.jobs.context import JobContext
 from tunehouse.jobs.eval_run import EvalRunKind
 from tunehouse.jobs.fine_tuning import FineTuning
@@ -35,7 +36,7 @@ class JobKind(Protocol):
         """The job ended (failed, cancelled): delete what its phases kept to resume from."""
 
 
-KINDS: dict[str, JobKind] = {kind.name: kind for kind in (FineTuning(), EvalRunKind())}
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in (FineTuning(), EvalRunKind(), BatchKind())}
 PHASES = ("validate", "train")
 
 

@@ -453,3 +453,61 @@ class EvalOutputItem(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
     __table_args__ = (UniqueConstraint("run_id", "datasource_item_id", name="uq_eval_output_items_run_item"),)
+
+
+class Batch(Base):
+    """A batch (/v1/batches): its input file's requests run on the job workers as a job of kind
+    "batch" with the batch's id. The wire status is the batch's own (OpenAI's vocabulary); the job
+    row carries only the queue's bookkeeping (lease, attempts)."""
+
+    __tablename__ = "batches"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(64))  # who created it: its usage is metered to it
+    endpoint: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(512))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    errors: Mapped[list[Any] | None] = mapped_column(JSON)
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    output_expires_after: Mapped[int | None] = mapped_column(BigInteger)  # seconds after the files' creation
+    request_total: Mapped[int] = mapped_column(Integer, default=0)
+    # The validated requests, one JSON line each, in the files store (jobs/batch.py reads them).
+    plan_path: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    in_progress_at: Mapped[int | None] = mapped_column(BigInteger)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    finalizing_at: Mapped[int | None] = mapped_column(BigInteger)
+    completed_at: Mapped[int | None] = mapped_column(BigInteger)
+    failed_at: Mapped[int | None] = mapped_column(BigInteger)
+    expired_at: Mapped[int | None] = mapped_column(BigInteger)
+    cancelling_at: Mapped[int | None] = mapped_column(BigInteger)
+    cancelled_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class BatchOutput(Base):
+    """One request's outcome (a line of the output or the error file). (batch_id, line) is unique:
+    a batch resumed after its process died writes only the lines it had not written, and each
+    line's usage is metered in the transaction that writes it, so never twice."""
+
+    __tablename__ = "batch_outputs"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)  # batch_req_…
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    line: Mapped[int] = mapped_column(Integer)  # the input file's line number (1-based)
+    custom_id: Mapped[str] = mapped_column(Text)
+    ok: Mapped[bool] = mapped_column(Boolean)  # status 200: the output file; else the error file
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+    __table_args__ = (UniqueConstraint("batch_id", "line", name="uq_batch_outputs_batch_line"),)

@@ -25,6 +25,8 @@ from tunehouse.store import job_status as st
 from tunehouse.store import uploads
 from tunehouse.store.tables import (
     ApiKey,
+    Batch,
+    BatchOutput,
     Checkpoint,
     CheckpointPermission,
     Eval,
@@ -72,6 +74,7 @@ class Deleted:
     projects: int = 0
     evals: int = 0  # its runs are jobs (counted in `jobs`), its output items go with them
     uploads: int = 0  # with their parts
+    batches: int = 0  # their jobs are counted in `jobs`, their output and error files in `files`
     blob_keys: list[str] = field(default_factory=list)
 
 
@@ -98,6 +101,17 @@ def _delete_evals(session, eval_filter) -> int:
         session.execute(delete(EvalRun).where(EvalRun.eval_id.in_(eval_ids)))
         session.execute(delete(Eval).where(Eval.id.in_(eval_ids)))
     return len(eval_ids)
+
+
+def _delete_batches(session, batch_filter) -> tuple[int, list[str]]:
+    """Batches and their lines' rows (their jobs go with the other jobs, their output files with
+    the other files); returns how many, and the blob keys of their plans."""
+    rows = list(session.execute(select(Batch.id, Batch.plan_path).where(batch_filter)))
+    batch_ids = [r.id for r in rows]
+    if batch_ids:
+        session.execute(delete(BatchOutput).where(BatchOutput.batch_id.in_(batch_ids)))
+        session.execute(delete(Batch).where(Batch.id.in_(batch_ids)))
+    return len(rows), [r.plan_path for r in rows if r.plan_path]
 
 
 def _delete_uploads(session, upload_filter) -> list[tuple[str, str]]:
@@ -178,6 +192,9 @@ def delete_project(
             s, (Upload.organization_id == organization_id) & (Upload.project_id == project_id)
         )
         out.uploads = len(upload_keys)
+        out.batches, plan_keys = _delete_batches(
+            s, (Batch.organization_id == organization_id) & (Batch.project_id == project_id)
+        )
         s.execute(delete(Job).where(Job.id.in_(job_ids)))  # events go with them (ON DELETE CASCADE)
         s.execute(delete(File).where(File.id.in_([f.id for f in files])))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.project_id == project_id)).rowcount
@@ -196,6 +213,7 @@ def delete_project(
                 "checkpoints": out.checkpoints,
                 "evals": out.evals,
                 "uploads": out.uploads,
+                "batches": out.batches,
                 "api_keys": out.keys,
             },
         )
@@ -204,7 +222,7 @@ def delete_project(
     _delete_bytes(
         stores,
         organization_id=organization_id,
-        file_keys=[f.path for f in files],
+        file_keys=[f.path for f in files] + plan_keys,
         weight_keys=weight_keys,
         job_ids=job_ids,
     )
@@ -245,6 +263,7 @@ def delete_organization(
         out.evals = _delete_evals(s, Eval.organization_id == organization_id)
         upload_keys = _delete_uploads(s, Upload.organization_id == organization_id)
         out.uploads = len(upload_keys)
+        out.batches, _ = _delete_batches(s, Batch.organization_id == organization_id)
         s.execute(delete(Job).where(Job.organization_id == organization_id))
         s.execute(delete(File).where(File.organization_id == organization_id))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.organization_id == organization_id)).rowcount
@@ -264,6 +283,7 @@ def delete_organization(
                 "checkpoints": out.checkpoints,
                 "evals": out.evals,
                 "uploads": out.uploads,
+                "batches": out.batches,
                 "api_keys": out.keys,
             },
         )

@@ -15,6 +15,9 @@ from tunehouse.config import Settings
 DEFAULT_TRAINING = 25.0
 DEFAULT_INPUT = 3.75
 DEFAULT_OUTPUT = 15.0
+# Requests run through the Batches API (/v1/batches) cost this share of the inference prices
+# (OpenAI's batch discount: 50%).
+BATCH_DISCOUNT = 0.5
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class Price:
 
     def inference_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+    def batch_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return self.inference_cost(prompt_tokens, completion_tokens) * BATCH_DISCOUNT
 
     def training_cost(self, tokens: int) -> float:
         return tokens * self.training / 1e6

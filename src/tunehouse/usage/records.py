@@ -18,6 +18,7 @@ from tunehouse.store.tables import UsageRecord
 
 TRAINING = "training"
 INFERENCE = "inference"
+BATCH = "batch"  # inference through /v1/batches, at the batch price (prices.BATCH_DISCOUNT)
 COUNTERS = ("input_tokens", "output_tokens", "training_tokens", "requests", "cost")
 BUCKET_KEY = ("organization_id", "project_id", "key_id", "model", "day", "kind")
 DAY_SECONDS = 86400

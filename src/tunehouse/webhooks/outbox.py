@@ -4,7 +4,8 @@
 exists if and only if the status change does; the sender (webhooks/delivery.py) does the rest.
 Payload: OpenAI's webhook event, `{"id": "evt_…", "object": "event", "created_at", "type":
 "fine_tuning.job.succeeded|failed|cancelled", "data": {"id": "ftjob-…"}}`; an eval run (a job of
-kind "eval_run") ends with `eval.run.succeeded|failed|canceled` and `{"id": "evalrun_…"}`.
+kind "eval_run") ends with `eval.run.succeeded|failed|canceled` and `{"id": "evalrun_…"}`; a batch
+(kind "batch") with `batch.completed|failed|cancelled|expired` and `{"id": "batch_…"}`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ JOB_CANCELLED = "fine_tuning.job.cancelled"
 EVAL_RUN_SUCCEEDED = "eval.run.succeeded"
 EVAL_RUN_FAILED = "eval.run.failed"
 EVAL_RUN_CANCELED = "eval.run.canceled"  # OpenAI's spelling, unlike fine_tuning.job.cancelled
+BATCH_COMPLETED = "batch.completed"
+BATCH_FAILED = "batch.failed"
+BATCH_CANCELLED = "batch.cancelled"
+BATCH_EXPIRED = "batch.expired"
 EVENT_TYPES = (
     JOB_SUCCEEDED,
     JOB_FAILED,
@@ -33,6 +38,10 @@ EVENT_TYPES = (
     EVAL_RUN_SUCCEEDED,
     EVAL_RUN_FAILED,
     EVAL_RUN_CANCELED,
+    BATCH_COMPLETED,
+    BATCH_FAILED,
+    BATCH_CANCELLED,
+    BATCH_EXPIRED,
 )
 # The queue ends every kind of job alike (jobs/queue.py fails a job with JOB_FAILED): a job of
 # another kind announces its end under its own names.
@@ -41,7 +50,8 @@ KIND_EVENTS = {
         JOB_SUCCEEDED: EVAL_RUN_SUCCEEDED,
         JOB_FAILED: EVAL_RUN_FAILED,
         JOB_CANCELLED: EVAL_RUN_CANCELED,
-    }
+    },
+    "batch": {JOB_SUCCEEDED: BATCH_COMPLETED, JOB_FAILED: BATCH_FAILED, JOB_CANCELLED: BATCH_CANCELLED},
 }
 
 

@@ -28,6 +28,7 @@ def _usage_query(
     bucket_width: str = "1d",
     limit: Annotated[int | None, Query()] = None,
     page: str | None = None,
+    batch: bool | None = None,
 ) -> service.UsageQuery:
     return service.UsageQuery(
         start_time=start_time,
@@ -39,6 +40,7 @@ def _usage_query(
         api_key_ids=_list(request, "api_key_ids"),
         models=_list(request, "models"),
         group_by=_list(request, "group_by"),
+        batch=batch,
     )
 
 

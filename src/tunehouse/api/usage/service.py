@@ -17,10 +17,20 @@ from sqlalchemy.orm import Session
 from tunehouse.config import Settings
 from tunehouse.errors import InvalidRequest
 from tunehouse.usage import quotas as q
-from tunehouse.usage.records import DAY_SECONDS, INFERENCE, TRAINING, Row, aggregate, day_start, utc_day
+from tunehouse.usage.records import (
+    BATCH,
+    DAY_SECONDS,
+    INFERENCE,
+    TRAINING,
+    Row,
+    aggregate,
+    day_start,
+    utc_day,
+)
 from tunehouse.webhooks import outbox
 
-COMPLETIONS_GROUPS = {"project_id": "project_id", "api_key_id": "key_id", "model": "model"}
+# `batch`: requests through /v1/batches (usage kind "batch", at the batch price) or not.
+COMPLETIONS_GROUPS = {"project_id": "project_id", "api_key_id": "key_id", "model": "model", "batch": "kind"}
 FINE_TUNING_GROUPS = {"project_id": "project_id", "model": "model"}
 COSTS_GROUPS = {"project_id": "project_id", "api_key_id": "key_id", "line_item": "line_item"}
 
@@ -46,6 +56,7 @@ class UsageQuery:
     api_key_ids: list[str] | None = None
     models: list[str] | None = None
     group_by: list[str] | None = None
+    batch: bool | None = None  # completions: batch requests only (true), the others only (false)
 
 
 def _window(query: UsageQuery, max_limit: int) -> tuple[dt.date, dt.date, dt.date]:
@@ -157,7 +168,7 @@ def completions_usage(session: Session, *, principal, query: UsageQuery) -> dict
             "user_id": None,
             "api_key_id": r.key_id,
             "model": r.model,
-            "batch": None,
+            "batch": (r.kind == BATCH) if r.kind is not None else None,
             "service_tier": None,
         }
 
@@ -166,7 +177,7 @@ def completions_usage(session: Session, *, principal, query: UsageQuery) -> dict
         principal,
         query,
         max_limit=31,
-        kinds=(INFERENCE,),
+        kinds={None: (INFERENCE, BATCH), True: (BATCH,), False: (INFERENCE,)}[query.batch],
         group_by=tuple(COMPLETIONS_GROUPS[g] for g in groups),
         make=make,
         key_ids=query.api_key_ids,
@@ -203,7 +214,7 @@ def costs(session: Session, *, principal, query: UsageQuery) -> dict:
     groups = _check_groups(query.group_by, COSTS_GROUPS)
     by = [COSTS_GROUPS[g] for g in groups if g != "line_item"]
     if "line_item" in groups:
-        by += ["model", "kind"]  # a line item is "<model>, <training|inference>"
+        by += ["model", "kind"]  # a line item is "<model>, <training|inference|batch>"
 
     def make(r: Row) -> dict:
         line = f"{r.model}, {r.kind}" if "line_item" in groups else None
@@ -223,7 +234,7 @@ def costs(session: Session, *, principal, query: UsageQuery) -> dict:
         principal,
         query,
         max_limit=180,
-        kinds=(INFERENCE, TRAINING),
+        kinds=(INFERENCE, BATCH, TRAINING),
         group_by=tuple(by),
         make=make,
         key_ids=query.api_key_ids,
