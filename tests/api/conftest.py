@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 import uvicorn
-from openai import OpenAI
+from openai import DefaultHttpxClient, OpenAI
 
+from tests.api.openapi_wire import check, schema_for
 from tunehouse.api.app import create_app
 from tunehouse.config import Settings
 
@@ -50,11 +51,36 @@ class LiveServer:
         self.thread.join(timeout=60)
 
     def client(self, api_key: str | None = None) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.settings.admin_key, max_retries=0)
+        return OpenAI(
+            base_url=f"{self.url}/v1",
+            api_key=api_key or self.settings.admin_key,
+            max_retries=0,
+            http_client=DefaultHttpxClient(event_hooks={"response": [check_against_spec]}),
+        )
 
     def http(self, api_key: str | None = None) -> httpx.Client:
         key = api_key or self.settings.admin_key
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+            event_hooks={"response": [check_against_spec]},
+        )
+
+
+def check_against_spec(response: httpx.Response) -> None:
+    """Every successful JSON answer the API tests receive must be what OpenAI's spec says its route
+    answers (tests/api/openapi_wire.py): no null where the spec's field is optional but never null.
+    Streams are left alone here (reading them would end their streaming); their chunks are checked
+    in tests/api/test_wire_fields.py."""
+    if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
+        "application/json"
+    ):
+        return
+    schema = schema_for(response.request.method, response.request.url.path)
+    if schema is not None:
+        response.read()
+        check(response.json(), schema)
 
 
 @pytest.fixture

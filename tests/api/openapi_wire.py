@@ -49,6 +49,9 @@ ROUTES = [
     ("get", "/models"),
     ("get", "/models/{model}"),
     ("delete", "/models/{model}"),
+    ("get", "/fine_tuning/checkpoints/{fine_tuned_model_checkpoint}/permissions"),
+    ("post", "/fine_tuning/checkpoints/{fine_tuned_model_checkpoint}/permissions"),
+    ("delete", "/fine_tuning/checkpoints/{fine_tuned_model_checkpoint}/permissions/{permission_id}"),
     ("post", "/uploads"),
     ("post", "/uploads/{upload_id}/cancel"),
     ("post", "/uploads/{upload_id}/complete"),
@@ -59,14 +62,21 @@ EXTRA = ["CreateChatCompletionStreamResponse"]
 
 # Where OpenAI's API itself answers what its spec does not allow, the spec is relaxed:
 # - list `first_id`/`last_id`: null for an empty list (there is no first or last object).
+# - FineTuningJob `hyperparameters`: null for a DPO job (OpenAI's answers, REFERENCE.md 5.4: "only
+#   returned when running supervised jobs"), required by the SDK's type, so present as null.
+# - OpenAIFile `purpose` "evals": OpenAI takes uploads for evals and its SDK's FileObject has it.
 RELAXED_NULLABLE: dict[str, list[str]] = {
     "ListFineTuningJobCheckpointsResponse": ["first_id", "last_id"],
+    "ListFilesResponse": ["first_id", "last_id"],
+    "FineTuningJob": ["hyperparameters"],
 }
+RELAXED_ENUM: dict[tuple[str, str], list[str]] = {("OpenAIFile", "purpose"): ["evals"]}
 _DROP = {"description", "example", "examples", "x-oaiMeta", "x-oaiTypeLabel", "x-stainless-const", "title"}
 
 
 def _clean(node):
-    """Descriptions out, OpenAPI 3.0 `nullable: true` as JSON Schema's null type."""
+    """Descriptions out, OpenAPI 3.0's `nullable: true` and boolean exclusive bounds as JSON
+    Schema's null type and numeric bounds."""
     if isinstance(node, list):
         return [_clean(x) for x in node]
     if not isinstance(node, dict):
@@ -79,6 +89,9 @@ def _clean(node):
             out[key] = {name: _clean(sub) for name, sub in value.items()}
         else:
             out[key] = _clean(value)
+    for bound in ("Minimum", "Maximum"):  # OpenAPI 3.0's boolean exclusive bounds, as JSON Schema's
+        if isinstance(out.get(f"exclusive{bound}"), bool) and out.pop(f"exclusive{bound}"):
+            out[f"exclusive{bound}"] = out.pop(bound.lower())
     if out.pop("nullable", False):
         if isinstance(out.get("type"), str):
             out["type"] = [out["type"], "null"]
@@ -137,6 +150,16 @@ def document() -> dict:
         for field in fields:
             prop = schemas[name]["properties"][field]
             schemas[name]["properties"][field] = {"anyOf": [prop, {"type": "null"}]}
+    for (name, field), values in RELAXED_ENUM.items():
+        schemas[name]["properties"][field]["enum"] += values
+    # A streamed legacy completion's chunks are CreateCompletionResponse objects (the spec has no
+    # chunk schema of its own) whose `finish_reason` is null until a choice ends, as OpenAI sends.
+    chunk = copy.deepcopy(schemas["CreateCompletionResponse"])
+    reason = chunk["properties"]["choices"]["items"]["properties"]["finish_reason"]
+    chunk["properties"]["choices"]["items"]["properties"]["finish_reason"] = {
+        "anyOf": [reason, {"type": "null"}]
+    }
+    schemas["CompletionChunk"] = chunk
     doc["components"]["schemas"] = schemas
     return doc
 

@@ -461,3 +461,71 @@ def test_fields_outside_the_spec_are_refused(client):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, extra_body={"top_k": 1})
     assert e.value.code == "unknown_parameter" and "top_k" in e.value.message
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning job creation: OpenAI's fields and two tunehouse extensions, nothing else
+
+
+def test_fine_tuning_job_fields(client):
+    from tunehouse.api.fine_tuning.protocol import CreateFineTuningJobRequest
+
+    ours = set(CreateFineTuningJobRequest.model_fields)
+    assert ours - request_fields("CreateFineTuningJobRequest") == {"overlap_is_error", "evaluation"}
+    assert request_fields("CreateFineTuningJobRequest") <= ours
+    create = client.fine_tuning.jobs.create
+    base = {"model": TINY_MODEL, "training_file": "file-missing"}
+    refused(create, "learning_rate", **base, extra_body={"learning_rate": 1e-4})
+    refused(
+        create,
+        "method.supervised.epochs",
+        **base,
+        method={"type": "supervised", "supervised": {"epochs": 2}},
+    )
+    refused(
+        create,
+        "method.mode",
+        **base,
+        method={"type": "supervised"},
+        extra_body={"method": {"type": "supervised", "mode": "x"}},
+    )
+    # The extensions are fields like the others: the request gets as far as the missing file.
+    for extra in ({"overlap_is_error": True}, {"evaluation": {"select_checkpoint": "last"}}):
+        with pytest.raises(openai.APIStatusError) as e:
+            create(**base, extra_body=extra)
+        assert e.value.body["param"] == "training_file", e.value.body
+
+
+# --------------------------------------------------------------------------------------------------
+# Streamed chunks, as sent (the SDK's objects hide a null): each one OpenAI's chunk schema
+
+
+def _sse_objects(http, path: str, body: dict) -> list[dict]:
+    out = []
+    with http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[len("data: ") :]))
+    return out
+
+
+def test_streamed_chunks_match_the_spec(shared_server):
+    from tests.api.openapi_wire import check
+
+    http = shared_server.http()
+    base = {"model": TINY_MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": True}
+    bodies = [
+        {**base, "logprobs": True, "top_logprobs": 1, "stream_options": {"include_usage": True}},
+        {**base, "tools": TOOLS, "tool_choice": "required", "max_tokens": 60},
+        {**base, "functions": [TOOLS[0]["function"]], "function_call": {"name": "add"}, "max_tokens": 60},
+    ]
+    for body in bodies:
+        chunks = _sse_objects(http, "/v1/chat/completions", body)
+        assert chunks
+        for chunk in chunks:
+            check(chunk, "CreateChatCompletionStreamResponse")
+    for chunk in _sse_objects(
+        http, "/v1/completions", {"model": TINY_MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True}
+    ):
+        check(chunk, "CompletionChunk")

@@ -11,6 +11,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, field_validator, model_serializer
 
 
+def drop_absent(out: dict, keys: tuple[str, ...]) -> dict:
+    """Optional fields the schema does not let be null are left out instead."""
+    for key in keys:
+        if out.get(key) is None:
+            out.pop(key, None)
+    return out
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -98,12 +106,8 @@ class AssistantMessage(BaseModel):
     function_call: FunctionCall | None = None  # the legacy `functions` form's answer, left out likewise
 
     @model_serializer(mode="wrap")
-    def _without_absent_calls(self, handler, info: SerializationInfo):
-        out = handler(self)
-        for key in ("tool_calls", "function_call"):
-            if out.get(key) is None:
-                out.pop(key, None)
-        return out
+    def _without_absent(self, handler, info: SerializationInfo):
+        return drop_absent(handler(self), ("tool_calls", "function_call"))
 
 
 class TopLogprob(BaseModel):
@@ -142,7 +146,11 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: CompletionUsage
     service_tier: str | None = "default"
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = None  # left out: no fingerprint is kept of the backend yet
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler, info: SerializationInfo):
+        return drop_absent(handler(self), ("system_fingerprint",))
 
 
 class ChunkDelta(BaseModel):
@@ -165,5 +173,9 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     service_tier: str | None = "default"
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = None  # left out, as on ChatCompletion
     usage: CompletionUsage | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler, info: SerializationInfo):
+        return drop_absent(handler(self), ("system_fingerprint",))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from tunehouse.api.chat.protocol import CompletionUsage, StreamOptions
+from tunehouse.api.chat.protocol import CompletionUsage, StreamOptions, drop_absent
 
 
 class CompletionRequest(BaseModel):
@@ -55,5 +55,9 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = None  # left out, as on ChatCompletion
     usage: CompletionUsage | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler):
+        return drop_absent(handler(self), ("system_fingerprint",))

@@ -43,7 +43,8 @@ from tunehouse.webhooks.outbox import JOB_CANCELLED, enqueue_job_event
 
 
 def to_wire(job: Job) -> FineTuningJob:
-    method = job.method
+    # Only the job's own method object: the schema has no null for the other methods' keys.
+    method = {k: v for k, v in job.method.items() if v is not None}
     hyper = (method.get(method["type"]) or {}).get("hyperparameters")
     return FineTuningJob(
         id=job.id,
