@@ -34,6 +34,7 @@ Not a unit test: it takes minutes, and uses processes, signals and loopback HTTP
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import csv
 import io
@@ -410,7 +411,7 @@ def check_job(job_id: str, trial: int, client, db: Db, weights_dir: Path) -> Ver
         v.corrupted.append(f"result_files {job.result_files}")
     else:
         try:
-            text = client.files.content(job.result_files[0]).text
+            text = base64.b64decode(client.files.content(job.result_files[0]).read()).decode()
             rows = list(csv.DictReader(io.StringIO(text)))
             rsteps = [int(r["step"]) for r in rows]
             if rsteps != list(range(1, total + 1)):

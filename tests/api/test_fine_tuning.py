@@ -1,6 +1,7 @@
 """/v1/fine_tuning through the official SDK, on the tiny model: one real job is trained for the
 module and inspected from every side; other tests cover errors, cancel, restart and listing."""
 
+import base64
 import csv
 import io
 import json
@@ -75,7 +76,7 @@ def test_result_file_is_openai_csv(trained):
     assert len(job.result_files) == 1
     f = client.files.retrieve(job.result_files[0])
     assert f.purpose == "fine-tune-results"
-    rows = list(csv.DictReader(io.StringIO(client.files.content(f.id).text)))
+    rows = list(csv.DictReader(io.StringIO(base64.b64decode(client.files.content(f.id).read()).decode())))
     assert list(rows[0]) == [
         "step",
         "train_loss",

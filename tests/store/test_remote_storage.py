@@ -6,6 +6,7 @@ shared across processes (memory:// is not)."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_a_job_trains_and_serves_from_remote_storage(settings, tmp_path):
             assert (marker.parent / "adapter_model.safetensors").is_file()
         # The result file too.
         (result_id,) = done.result_files
-        assert client.files.content(result_id).text.splitlines()[0].startswith("step,")
+        assert base64.b64decode(client.files.content(result_id).read()).decode().startswith("step,")
 
         reply = client.chat.completions.create(
             model=done.fine_tuned_model, messages=[{"role": "user", "content": "Count to 2"}], max_tokens=3

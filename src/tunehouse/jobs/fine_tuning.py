@@ -338,6 +338,8 @@ def continued_from(ctx: JobContext, job: Job) -> Path | None | bool:
 
 
 def finish(ctx: JobContext, job: Job, *, model_name: str, trained_tokens: int, rows: list[dict]) -> None:
+    import base64  # the result file is base64 of the CSV, as OpenAI serves it (README)
+
     buf = io.StringIO()
     rewards = any(r.get("train_reward_mean") is not None for r in rows)
     columns = RESULT_COLUMNS + (REWARD_COLUMNS if rewards else [])
@@ -354,7 +356,7 @@ def finish(ctx: JobContext, job: Job, *, model_name: str, trained_tokens: int, r
                 organization_id=job.organization_id,
                 filename=f"step_metrics_{job.id}.csv",
                 purpose="fine-tune-results",
-                data=buf.getvalue().encode(),
+                data=base64.b64encode(buf.getvalue().encode()),
             )
             n = s.execute(
                 update(Job)
