@@ -9,6 +9,7 @@ row's deletion commits, so a crash leaves at worst unreferenced bytes, never a r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sqlalchemy import select
@@ -16,9 +17,12 @@ from sqlalchemy.orm import Session
 
 from tunehouse import ids
 from tunehouse.store.blobs import Blobs
-from tunehouse.store.tables import File
+from tunehouse.store.tables import File, now
 
 PROCESSED = "processed"
+
+
+log = logging.getLogger(__name__)
 
 
 def blob_key(organization_id: str, file_id: str) -> str:
@@ -108,3 +112,26 @@ def delete_file(session: Session, row: File) -> str:
 
 def delete_bytes(blobs: Blobs, key: str) -> None:
     blobs.delete(key)
+
+
+def sweep_expired(db, blobs: Blobs, *, limit: int = 100) -> int:
+    """Delete files past their `expires_at` (set from `expires_after` at upload): rows, then
+    bytes. Idempotent; returns how many it deleted. The server runs it with the uploads sweep
+    (api/uploads/service.py `sweep`); an expired file is already a 404 before it runs
+    (tenancy/scope.py `scoped_files`)."""
+    at = now()
+    with db.transaction() as session:
+        rows = list(
+            session.scalars(
+                select(File).where(File.expires_at.is_not(None), File.expires_at <= at).limit(limit)
+            )
+        )
+        keys = [delete_file(session, row) for row in rows]
+    for key in keys:
+        try:
+            delete_bytes(blobs, key)
+        except Exception:  # noqa: BLE001 - housekeeping: unreferenced bytes, nothing reads them
+            log.warning("could not delete the bytes of an expired file (%s)", key, exc_info=True)
+    if rows:
+        log.info("deleted %d expired file(s)", len(rows))
+    return len(rows)

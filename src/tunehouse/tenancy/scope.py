@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Select, and_, false, or_, select
 from sqlalchemy.orm import Session
 
-from tunehouse.store.tables import Checkpoint, CheckpointPermission, File, Job, Project
+from tunehouse.store.tables import Checkpoint, CheckpointPermission, File, Job, Project, now
 
 if TYPE_CHECKING:
     from tunehouse.tenancy.auth import Principal
@@ -41,7 +41,11 @@ def result_file_ids(session: Session, *, organization_id: str, project_id: str) 
 
 
 def scoped_files(session: Session, principal: Principal) -> Select:
-    stmt = select(File).where(File.organization_id == principal.organization_id)
+    # A file past its `expires_at` is gone for the API at once, before the sweeper deletes it.
+    stmt = select(File).where(
+        File.organization_id == principal.organization_id,
+        or_(File.expires_at.is_(None), File.expires_at > now()),
+    )
     if principal.project_id is not None:
         results = result_file_ids(
             session, organization_id=principal.organization_id, project_id=principal.project_id

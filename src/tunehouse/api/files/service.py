@@ -70,6 +70,40 @@ def check_file_format(filename: str, purpose: str, *, param: str) -> None:
         )
 
 
+FORM_FIELDS = {"purpose", "expires_after[anchor]", "expires_after[seconds]"}  # and the file itself
+
+
+def expires_at_of(fields: dict[str, str]) -> int | None:
+    """OpenAI's `expires_after` form fields: `anchor` "created_at" and `seconds` from 3600 (an
+    hour) to 2592000 (30 days); any other form field is refused, never ignored."""
+    for name in fields:
+        if name not in FORM_FIELDS:
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: '{name}'.", param=name, code="unknown_parameter"
+            )
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequest(
+            f"Invalid value for 'expires_after.anchor': {anchor!r}. Supported values are: 'created_at'.",
+            param="expires_after.anchor",
+            code="invalid_value" if anchor is not None else "missing_required_parameter",
+        )
+    try:
+        value = int(seconds) if seconds is not None else None
+    except ValueError:
+        value = None
+    if value is None or not 3600 <= value <= 2592000:
+        raise InvalidRequest(
+            f"Invalid value for 'expires_after.seconds': {seconds!r}. It must be an integer from 3600 "
+            "(one hour) to 2592000 (30 days).",
+            param="expires_after.seconds",
+            code="invalid_value",
+        )
+    return now() + value
+
+
 async def upload_file(
     state: AppState, *, principal: Principal, content_type: str | None, body: AsyncIterator[bytes]
 ) -> FileObject:
@@ -97,15 +131,7 @@ async def upload_file(
             )
         filename = clean_filename(parsed.filename)
         check_file_format(filename, purpose, param="file")
-        expires_at = None
-        seconds = parsed.fields.get("expires_after[seconds]")
-        if seconds is not None:
-            try:
-                expires_at = now() + int(seconds)
-            except ValueError:
-                raise InvalidRequest(
-                    "Invalid value for 'expires_after[seconds]'.", param="expires_after"
-                ) from None
+        expires_at = expires_at_of(parsed.fields)
         blob.commit()
         try:
             with state.db.transaction() as session:

@@ -105,10 +105,15 @@ def sweep(state: AppState) -> int:
     """Expire abandoned uploads and delete their parts; never fails its caller (housekeeping:
     the next sweep retries)."""
     try:
-        return uploads.sweep_expired(state.db, state.files)
+        n = uploads.sweep_expired(state.db, state.files)
     except Exception:
         log.warning("sweeping expired uploads failed", exc_info=True)
-        return 0
+        n = 0
+    try:  # files past their `expires_after` go with the same sweep
+        files.sweep_expired(state.db, state.files)
+    except Exception:
+        log.warning("sweeping expired files failed", exc_info=True)
+    return n
 
 
 def _get(session: Session, principal: Principal, upload_id: str, *, lock: bool = False) -> UploadRow:
