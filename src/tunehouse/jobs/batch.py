@@ -311,7 +311,6 @@ class BatchStop(StopCheck):
     def __init__(self, ctx: JobContext, batch: Batch):
         super().__init__(ctx)
         self.batch_id = batch.id
-        self.expires_at = batch.expires_at
         self.outcome: str | None = None  # CANCELLED | EXPIRED once seen
         self._last_batch = 0.0
 
@@ -321,17 +320,17 @@ class BatchStop(StopCheck):
         t = time.monotonic()
         if t - self._last_batch >= CHECK_SECONDS:
             self._last_batch = t
-            self.outcome = ending(self.ctx.db, self.batch_id, self.expires_at)
+            self.outcome = ending(self.ctx.db, self.batch_id)
         return self.outcome is not None
 
 
-def ending(db: Database, batch_id: str, expires_at: int | None) -> str | None:
-    """CANCELLED when a cancel was asked, EXPIRED when the window passed, else None."""
+def ending(db: Database, batch_id: str) -> str | None:
+    """CANCELLED when a cancel was asked, EXPIRED when the batch's window passed, else None."""
     with db.session() as s:
-        status = s.scalar(select(Batch.status).where(Batch.id == batch_id))
-    if status == CANCELLING:
+        row = s.execute(select(Batch.status, Batch.expires_at).where(Batch.id == batch_id)).first()
+    if row is not None and row.status == CANCELLING:
         return CANCELLED
-    if expires_at is not None and time.time() > expires_at:
+    if row is not None and row.expires_at is not None and time.time() > row.expires_at:
         return EXPIRED
     return None
 
@@ -384,7 +383,7 @@ def execute(ctx: JobContext) -> None:
                 .where(Batch.id == batch.id, Batch.status == VALIDATING)
                 .values(status=IN_PROGRESS, in_progress_at=now())
             )
-    outcome = ending(ctx.db, batch.id, batch.expires_at)
+    outcome = ending(ctx.db, batch.id)
     stop = BatchStop(ctx, batch)
     if outcome is None:
         generator = Generator(ctx.settings)
