@@ -15,7 +15,7 @@ from rich.table import Table
 console = Console()
 quotas_app = typer.Typer(no_args_is_help=True, help="Quotas per organization and rate limits per key.")
 webhooks_app = typer.Typer(
-    no_args_is_help=True, help="Webhook endpoints for fine-tuning job and eval run events."
+    no_args_is_help=True, help="Webhook endpoints for fine-tuning job, eval run and batch events."
 )
 
 HomeOpt = Annotated[
@@ -270,8 +270,8 @@ def webhooks_add(
         list[str] | None,
         typer.Option(
             "--event",
-            help="fine_tuning.job.succeeded|failed|cancelled, eval.run.succeeded|failed|canceled "
-            "(repeatable; default: all).",
+            help="fine_tuning.job.succeeded|failed|cancelled, eval.run.succeeded|failed|canceled, "
+            "batch.completed|failed|cancelled|expired (repeatable; default: all).",
         ),
     ] = None,
     home: HomeOpt = None,
