@@ -76,7 +76,7 @@ def files(client, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(client, files):
+def trained(client, files):  # the tests using it are one_database: they check training, not rows
     train, valid, _ = files
     job = client.fine_tuning.jobs.create(
         model=TINY_MODEL,
@@ -98,6 +98,7 @@ def trained(client, files):
     return job
 
 
+@pytest.mark.one_database
 def test_the_job_reports_rewards_and_its_model_answers(client, trained):
     job = trained
     hp = job.method.reinforcement.hyperparameters
@@ -221,6 +222,7 @@ def _rewards(client, job_id) -> list[tuple[int, float]]:
     return sorted((e.data["step"], e.data["train_reward_mean"]) for e in events if e.type == "metrics")
 
 
+@pytest.mark.one_database  # what it checks is training's determinism, the same on either database
 def test_a_killed_rft_process_resumes_step_for_step(settings, tmp_path):
     """Each step's answers are drawn from a seed the saved state restores: a run killed with -9
     and resumed samples, grades and trains exactly as one never interrupted."""
