@@ -207,6 +207,13 @@ class Recipe(Protocol):
         """A training step's `train_*` metrics from the sums of its micro-batches. (Evaluation
         reports the first two sums over n as the loss and the accuracy.)"""
 
+    # Optional, looked up with hasattr (the reinforcement recipe has them):
+    #   valid_schedule(total_steps, n_valid) -> (every how many steps, how many validation items)
+    #   evaluate(m, items) -> {name: value}: validation measured the recipe's own way (reported
+    #       as valid_<name>, and full_valid_<name> at epoch ends) instead of loss and accuracy
+    #   step_samples() -> a few of the last step's items with what the model made of them,
+    #       handed to hooks.on_samples
+
 
 # ----------------------------------------------------------------------------------------------
 # 1. resolve: seeds, the order of the data
