@@ -155,6 +155,23 @@ def test_lines_lacking_what_the_grader_reads_fail_the_job_with_their_numbers(cli
     assert "'answer'" in job.error.message and "line(s) 3, 7" in job.error.message
 
 
+def test_a_grader_that_fails_on_most_answers_fails_the_job_once(client, files):
+    train, _, _ = files
+    failing = {
+        "type": "python",
+        "name": "broken",
+        "source": "def grade(sample, item):\n    raise ValueError('no reward for you')\n",
+    }
+    method = rft(failing, n_epochs=1, batch_size=2, compute_multiplier=0.25, max_completion_tokens=4)
+    job = client.fine_tuning.jobs.create(model=TINY_MODEL, training_file=train, method=method)
+    job = wait_for_job(client, job.id, timeout=300)
+    assert job.status == "failed"
+    assert job.error.code == "grader_failed" and job.error.param == "method.reinforcement.grader"
+    assert "no reward for you" in job.error.message and "4 of 4 answers" in job.error.message
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert not any(m.startswith("Retrying in ") for m in messages)  # not a passing fault: no retry
+
+
 @pytest.mark.parametrize(
     "method, param",
     [

@@ -46,6 +46,7 @@ from tunehouse.training import throughput
 from tunehouse.training.hparams import Hyperparameters
 from tunehouse.training.loop import TrainingStopped, check_target_modules
 from tunehouse.training.recipes import method as training_method
+from tunehouse.training.recipes.reinforcement import GraderFailed
 from tunehouse.usage.metering import record_training
 from tunehouse.usage.quotas import estimate_columns
 from tunehouse.webhooks.outbox import JOB_SUCCEEDED, enqueue_job_event
@@ -282,6 +283,13 @@ def train(ctx: JobContext) -> None:
     except (TrainingStopped, JobGone) as e:
         log.info("job %s stopped", job.id)
         if isinstance(e, TrainingStopped) and ctx.rank == 0 and ctx.ended():
+            discard_training_state(ctx.settings, organization_id=job.organization_id, job_id=job.id)
+        return
+    except GraderFailed as e:
+        # The grader's, not the machine's: running the step again would fail the same way.
+        if ctx.rank == 0 and ctx.fail(
+            code="grader_failed", message=str(e), param="method.reinforcement.grader"
+        ):
             discard_training_state(ctx.settings, organization_id=job.organization_id, job_id=job.id)
         return
     if ctx.rank > 0:

@@ -215,7 +215,7 @@ class Reinforcement:
         errors = [err for _, err in graded if err is not None]
         if errors and len(errors) / len(graded) > self.spec.max_error_rate:
             raise GraderFailed(
-                f"the grader failed on {len(errors)} of {len(graded)} answers in a step (more than "
+                f"The grader failed on {len(errors)} of {len(graded)} answers in a step (more than "
                 f"{self.spec.max_error_rate:.0%}); the first error: {errors[0]}"
             )
         return rewards, len(errors), texts
