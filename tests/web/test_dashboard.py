@@ -344,3 +344,31 @@ def test_a_large_file_goes_up_in_parts(page, web_server, tmp_path):
     file_id = page.url.rsplit("/", 1)[1]
     assert web_server.client().files.content(file_id).read() == path.read_bytes()
     page.evaluate("sessionStorage.removeItem('tunehouse.chunkBytes')")
+
+
+def test_a_reinforcement_job_charts_its_rewards(page, web_server, tmp_path):
+    client = web_server.client()
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)})
+        for i in range(10)
+    ]
+    train = client.files.create(
+        file=write_jsonl(tmp_path / "rft.jsonl", lines).open("rb"), purpose="fine-tune"
+    )
+    grader = {
+        "type": "python",
+        "name": "length",
+        "source": "def grade(sample, item):\n    return (len(sample['output_text']) % 10) / 10\n",
+    }
+    hyper = {"n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5, "max_completion_tokens": 8}
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=train.id,
+        method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hyper}},
+    )
+    page.goto(f"{web_server.url}/dashboard/#/jobs/{job.id}")
+    chart = page.get_by_role("img", name="Reward curves: train and validation reward by step")
+    expect(chart).to_be_visible()
+    expect(page.locator("#main dd").first).to_have_text("succeeded", timeout=240_000)
+    expect(chart).to_have_attribute("data-points", "5", timeout=30_000)
+    expect(page.locator("#loss-summary")).to_contain_text("Step 5 of 5: train reward")

@@ -268,16 +268,17 @@ async function newJobPage() {
     files.length ? form : h("p", {}, "Upload a training file first: ", h("a", { href: "#/files" }, "Files")), estimate);
 }
 
-function lossChart(container) {
-  // Steps on x; train loss every step, validation loss where it was measured (gaps spanned).
+function lossChart(container, what = "loss") {
+  // Steps on x; the train figure every step, the validation one where it was measured (gaps
+  // spanned). `what`: "loss", or "reward" for a reinforcement job (its loss is ~0 by design).
   const width = () => Math.max(320, Math.min(1100, container.clientWidth || 800));
   const plot = new uPlot({
-    width: width(), height: 300, title: "Loss",
+    width: width(), height: 300, title: what === "reward" ? "Reward" : "Loss",
     scales: { x: { time: false } },
-    axes: [{ label: "step" }, { label: "loss" }],
+    axes: [{ label: "step" }, { label: what }],
     series: [{ label: "step" },
-      { label: "train loss", stroke: "#2457c5", width: 2, spanGaps: true },
-      { label: "validation loss", stroke: "#d0471b", width: 2, spanGaps: true, points: { show: true, size: 6 } }],
+      { label: `train ${what}`, stroke: "#2457c5", width: 2, spanGaps: true },
+      { label: `validation ${what}`, stroke: "#d0471b", width: 2, spanGaps: true, points: { show: true, size: 6 } }],
   }, [[], [], []], container);
   addEventListener("resize", () => plot.setSize({ width: width(), height: 300 }));
   return plot;
@@ -306,7 +307,9 @@ async function jobPage(id) {
       h("section", { class: "card", "aria-labelledby": "hp-h" }, h("h2", { id: "hp-h" }, "Hyperparameters (resolved)"), hyper),
       h("section", { class: "card", "aria-labelledby": "ev-h" }, h("h2", { id: "ev-h" }, "Events"), h("div", { class: "events" }, events))),
     h("h2", {}, "Checkpoints"), ckpts);
-  const plot = lossChart(chartBox);
+  const rft = (job.method && job.method.type) === "reinforcement";
+  if (rft) chartBox.setAttribute("aria-label", "Reward curves: train and validation reward by step");
+  const plot = lossChart(chartBox, rft ? "reward" : "loss");
 
   const act = (verb) => async () => {
     try { job = await api(`/v1/fine_tuning/jobs/${id}/${verb}`, { method: "POST" }); draw(); } catch (e) { say(e.message); }
@@ -340,14 +343,14 @@ async function jobPage(id) {
     for (const m of metrics) byStep.set(m.step, m);
     const steps = [...byStep.keys()];
     const pick = (k) => steps.map((s) => { const v = byStep.get(s)[k]; return typeof v === "number" ? v : null; });
-    const train = pick("train_loss"), valid = pick("valid_loss");
+    const train = pick(rft ? "train_reward_mean" : "train_loss"), valid = pick(rft ? "valid_reward" : "valid_loss");
     plot.setData([steps, train, valid]);
     chartBox.dataset.points = String(train.filter((v) => v !== null).length);
     chartBox.dataset.validPoints = String(valid.filter((v) => v !== null).length);
     const last = metrics[metrics.length - 1];
-    chartText.textContent = last
-      ? `Step ${last.step} of ${last.total_steps}: train loss ${fmtNum(last.train_loss)}${last.valid_loss != null ? `, validation loss ${fmtNum(last.valid_loss)}` : ""}.`
-      : "No training steps yet.";
+    chartText.textContent = !last ? "No training steps yet." : rft
+      ? `Step ${last.step} of ${last.total_steps}: train reward ${fmtNum(last.train_reward_mean)}${last.valid_reward != null ? `, validation reward ${fmtNum(last.valid_reward)}` : ""}${last.base_valid_reward != null ? ` (before training: ${fmtNum(last.base_valid_reward)})` : ""}.`
+      : `Step ${last.step} of ${last.total_steps}: train loss ${fmtNum(last.train_loss)}${last.valid_loss != null ? `, validation loss ${fmtNum(last.valid_loss)}` : ""}.`;
     events.replaceChildren(...ev.data.map((e) => h("li", { class: `lvl-${e.level}` }, h("span", { class: "muted" }, new Date(e.created_at * 1000).toLocaleTimeString(), " "), e.message)));
     ckpts.replaceChildren(table([
       { title: "Step", num: true, render: (c) => c.step_number },
