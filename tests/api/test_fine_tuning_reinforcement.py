@@ -137,6 +137,7 @@ def test_the_job_reports_rewards_and_its_model_answers(client, trained):
     raw = client.files.content(job.result_files[0]).read()
     rows = list(csv.DictReader(io.StringIO(base64.b64decode(raw).decode())))
     assert len(rows) == 5 and rows[0]["train_reward_mean"] != ""
+    assert float(rows[0]["generation_seconds"]) > 0 and float(rows[0]["generated_tokens"]) >= 8
 
     reply = client.chat.completions.create(
         model=job.fine_tuned_model, messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=4

@@ -57,7 +57,15 @@ CHECKPOINTS_KEPT = 3  # OpenAI keeps the checkpoints of the last 3 epochs
 MAX_WARNING_EVENTS = 20
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 # A reinforcement job's result file has its rewards too.
-REWARD_COLUMNS = ["train_reward_mean", "train_reward_std", "train_grader_error_rate", "valid_reward"]
+REWARD_COLUMNS = [
+    "train_reward_mean",
+    "train_reward_std",
+    "train_grader_error_rate",
+    "valid_reward",
+    "generated_tokens",
+    "generation_seconds",
+    "training_seconds",
+]
 
 
 class FineTuning:
