@@ -33,6 +33,11 @@ WIRE = Path(__file__).with_name("openapi_wire.json")
 # (method, path as in the spec) whose 200 response is checked; requests whose fields are listed.
 ROUTES = [
     ("post", "/chat/completions"),
+    ("get", "/chat/completions"),
+    ("get", "/chat/completions/{completion_id}"),
+    ("post", "/chat/completions/{completion_id}"),
+    ("delete", "/chat/completions/{completion_id}"),
+    ("get", "/chat/completions/{completion_id}/messages"),
     ("post", "/completions"),
     ("get", "/files"),
     ("post", "/files"),
@@ -68,9 +73,16 @@ EXTRA = ["CreateChatCompletionStreamResponse"]
 RELAXED_NULLABLE: dict[str, list[str]] = {
     "ListFineTuningJobCheckpointsResponse": ["first_id", "last_id"],
     "ListFilesResponse": ["first_id", "last_id"],
+    "ChatCompletionList": ["first_id", "last_id"],
+    "ChatCompletionMessageList": ["first_id", "last_id"],
     "FineTuningJob": ["hyperparameters"],
 }
-RELAXED_ENUM: dict[tuple[str, str], list[str]] = {("OpenAIFile", "purpose"): ["evals"]}
+# - FineTuningJob `status` "paused": OpenAI's pause endpoint answers it (REFERENCE.md), the spec's
+#   enum lacks it.
+RELAXED_ENUM: dict[tuple[str, str], list[str]] = {
+    ("OpenAIFile", "purpose"): ["evals"],
+    ("FineTuningJob", "status"): ["paused"],
+}
 _DROP = {"description", "example", "examples", "x-oaiMeta", "x-oaiTypeLabel", "x-stainless-const", "title"}
 
 
@@ -160,6 +172,11 @@ def document() -> dict:
         "anyOf": [reason, {"type": "null"}]
     }
     schemas["CompletionChunk"] = chunk
+    # A stored completion's messages are the request's: OpenAI lists them with their own roles
+    # (user, system, ...), where the spec reuses the assistant's response message.
+    message = copy.deepcopy(schemas["ChatCompletionResponseMessage"])
+    message["properties"]["role"]["enum"] = ["system", "developer", "user", "assistant", "tool", "function"]
+    schemas["ChatCompletionMessageList"]["properties"]["data"]["items"]["allOf"][0] = message
     doc["components"]["schemas"] = schemas
     return doc
 

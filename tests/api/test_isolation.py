@@ -11,6 +11,7 @@ organization, checking the storage folders (they run last because they destroy t
 
 from __future__ import annotations
 
+import base64
 import io
 from dataclasses import dataclass
 
@@ -272,7 +273,7 @@ def test_owner_still_has_everything(world):
     live, victim, *_ = world
     client = live.client(victim.key)
     assert client.files.retrieve(victim.file).id == victim.file
-    assert client.files.content(victim.result_file).text.startswith("step,")
+    assert base64.b64decode(client.files.content(victim.result_file).read()).startswith(b"step,")
     job = client.fine_tuning.jobs.retrieve(victim.job)
     assert job.status == "succeeded" and job.fine_tuned_model == victim.model
     assert victim.model in [m.id for m in client.models.list()]

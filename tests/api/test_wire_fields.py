@@ -71,7 +71,7 @@ def refused(call: Callable, param: str, **kw) -> None:
 
 
 def _chat_metadata(client, _):
-    # Validated as OpenAI does; without `store` (which is refused) it is kept nowhere, as OpenAI.
+    # Validated as OpenAI does; without `store` it is kept nowhere, as OpenAI (see _chat_store).
     assert chat(client, metadata={"app": "x"}).choices
     refused(chat, "metadata", client=client, metadata={f"k{i}": "v" for i in range(17)})
     refused(chat, "metadata", client=client, metadata={"k" * 65: "v"})
@@ -189,8 +189,27 @@ def _chat_response_format(client, _):
 
 
 def _chat_store(client, _):
-    assert chat(client, store=False).choices
-    refused(chat, "store", client=client, store=True)
+    # `store: true` keeps the answer: listed (filtered by model and metadata), retrieved, its
+    # request's messages listed, its metadata replaced, deleted. Not stored without it.
+    tag = {"run": "store-test"}
+    kept = chat(
+        client, store=True, metadata=tag, messages=[*MESSAGES, {"role": "assistant", "content": "ok"}]
+    )
+    chat(client, store=False, metadata=tag)
+    listed = client.chat.completions.list(metadata=tag)
+    assert [c.id for c in listed.data] == [kept.id]
+    assert listed.data[0].choices[0].message.content == kept.choices[0].message.content
+    assert client.chat.completions.list(model="other-model", metadata=tag).data == []
+    got = client.chat.completions.retrieve(kept.id)
+    assert got.choices[0].message.content == kept.choices[0].message.content and got.metadata == tag
+    msgs = client.chat.completions.messages.list(kept.id)
+    assert [(m.role, m.content) for m in msgs.data] == [("user", "Tell me a story."), ("assistant", "ok")]
+    assert client.chat.completions.update(kept.id, metadata={"run": "renamed"}).metadata == {"run": "renamed"}
+    assert client.chat.completions.list(metadata=tag).data == []
+    assert client.chat.completions.delete(kept.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.retrieve(kept.id)
+    refused(chat, "store", client=client, store=True, stream=True)
 
 
 def _chat_stream(client, _):
@@ -529,3 +548,22 @@ def test_streamed_chunks_match_the_spec(shared_server):
         http, "/v1/completions", {"model": TINY_MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True}
     ):
         check(chunk, "CompletionChunk")
+
+
+def test_stored_completions_belong_to_their_organization(shared_server):
+    from tests.api.conftest import create_org_key
+
+    mine = shared_server.client(create_org_key(shared_server.settings, "wire-store-a"))
+    theirs = shared_server.client(create_org_key(shared_server.settings, "wire-store-b"))
+    kept = chat(mine, store=True)
+    assert [c.id for c in mine.chat.completions.list().data] == [kept.id]
+    assert theirs.chat.completions.list().data == []
+    for call in (
+        lambda: theirs.chat.completions.retrieve(kept.id),
+        lambda: theirs.chat.completions.messages.list(kept.id),
+        lambda: theirs.chat.completions.update(kept.id, metadata={}),
+        lambda: theirs.chat.completions.delete(kept.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert mine.chat.completions.retrieve(kept.id).id == kept.id

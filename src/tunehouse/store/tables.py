@@ -511,3 +511,21 @@ class BatchOutput(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
     __table_args__ = (UniqueConstraint("batch_id", "line", name="uq_batch_outputs_batch_line"),)
+
+
+class StoredCompletion(Base):
+    """A chat completion made with `store: true` (OpenAI's stored chat completions): the answer as
+    it was sent, the request's messages, and its metadata (which may be updated)."""
+
+    __tablename__ = "stored_completions"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)  # chatcmpl-…
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    messages: Mapped[list[Any]] = mapped_column(JSON)  # the request's messages, as sent
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)  # the chat.completion, as sent

@@ -36,6 +36,7 @@ from tunehouse.store.tables import (
     Job,
     Organization,
     Project,
+    StoredCompletion,
     Upload,
     now,
 )
@@ -195,6 +196,12 @@ def delete_project(
         out.batches, plan_keys = _delete_batches(
             s, (Batch.organization_id == organization_id) & (Batch.project_id == project_id)
         )
+        s.execute(
+            delete(StoredCompletion).where(
+                (StoredCompletion.organization_id == organization_id)
+                & (StoredCompletion.project_id == project_id)
+            )
+        )
         s.execute(delete(Job).where(Job.id.in_(job_ids)))  # events go with them (ON DELETE CASCADE)
         s.execute(delete(File).where(File.id.in_([f.id for f in files])))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.project_id == project_id)).rowcount
@@ -264,6 +271,7 @@ def delete_organization(
         upload_keys = _delete_uploads(s, Upload.organization_id == organization_id)
         out.uploads = len(upload_keys)
         out.batches, _ = _delete_batches(s, Batch.organization_id == organization_id)
+        s.execute(delete(StoredCompletion).where(StoredCompletion.organization_id == organization_id))
         s.execute(delete(Job).where(Job.organization_id == organization_id))
         s.execute(delete(File).where(File.organization_id == organization_id))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.organization_id == organization_id)).rowcount

@@ -179,3 +179,34 @@ class ChatCompletionChunk(BaseModel):
     @model_serializer(mode="wrap")
     def _without_absent(self, handler, info: SerializationInfo):
         return drop_absent(handler(self), ("system_fingerprint",))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stored chat completions (api/chat/stored.py)
+
+
+class StoredCompletionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]  # chat.completion objects as they were answered, with `metadata`
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class StoredMessageList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]  # the request's messages, each with an id `<completion id>-<index>`
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class UpdateStoredCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metadata: dict[str, str] | None
+
+
+class StoredCompletionDeleted(BaseModel):
+    object: Literal["chat.completion.deleted"] = "chat.completion.deleted"
+    id: str
+    deleted: bool

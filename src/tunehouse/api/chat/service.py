@@ -70,11 +70,11 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
 
 def check_refused(req: ChatCompletionRequest) -> None:
     """The spec's fields this server cannot honour: each is a 400 naming it, never ignored."""
-    if req.store:
+    if req.store and req.stream:
         raise _unsupported(
             "store",
-            "is not supported by this server: chat completions are not stored (there are no stored "
-            "chat completions endpoints). Leave it unset or false.",
+            "together with 'stream' is not supported by this server: only non-streamed chat "
+            "completions are stored. Leave 'store' unset or false, or do not stream.",
         )
     if req.audio is not None:
         raise _unsupported("audio", "is not supported by this server: it produces text only.")
