@@ -201,3 +201,16 @@ def test_preference_pairs_count_both_sequences(tmp_path, tokenizer):
     # prompt + chosen and prompt + rejected are both tokenized
     assert report.stats["tokens_per_example"]["min"] > 2 * 15
     assert report.estimate["billable_tokens"] == 10 * report.stats["billed_tokens_per_example"]["total"]
+
+
+def test_reinforcement_prompts_must_leave_room_for_answers(tmp_path, tokenizer):
+    lines = [{"messages": [{"role": "user", "content": f"Question {i}?"}], "answer": "x"} for i in range(12)]
+    lines[2]["messages"][0]["content"] = "word " * 300
+    report = check_files(
+        write_lines(tmp_path / "p.jsonl", lines),
+        tokenizer=tokenizer,
+        method="reinforcement",
+        context_length=256,
+    )
+    assert [(p.code, p.line) for p in report.errors] == [("prompt_too_long", 3)]
+    assert report.stats["tokens_per_example"]["min"] > 0  # prompts are counted

@@ -367,7 +367,7 @@ def test_legacy_completions_file_is_wrong_format(tmp_path):
 
 def test_unknown_method():
     with pytest.raises(ValueError, match="method"):
-        validate_file(__file__, method="reinforcement")  # type: ignore[arg-type]
+        validate_file(__file__, method="ppo")  # type: ignore[arg-type]
 
 
 # -- good edge cases ------------------------------------------------------------------------------
@@ -522,3 +522,28 @@ def test_report_to_dict_is_json(tmp_path):
         "severity": "error",
         "field": None,
     }
+
+
+# -- reinforcement prompts ------------------------------------------------------------------------
+
+
+def prompt(i: int = 0) -> dict:
+    return {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)}
+
+
+def test_reinforcement_prompts_end_with_the_turn_the_model_answers(tmp_path):
+    ok = validate_file(
+        write_lines(tmp_path / "ok.jsonl", [prompt(i) for i in range(12)]), method="reinforcement"
+    )
+    assert ok.ok and ok.format == "chat" and not ok.warnings  # extra keys are the grader's
+    answered = prompt(5)
+    answered["messages"].append({"role": "assistant", "content": "10"})
+    bad = validate_file(
+        with_bad_line(tmp_path / "bad.jsonl", answered, at=4, make=prompt), method="reinforcement"
+    )
+    (problem,) = bad.errors
+    assert (problem.code, problem.line, problem.field) == ("prompt_not_ending_with_user", 4, "messages[1]")
+    # The same line is a good supervised example, and a prompt is not one.
+    assert not validate_file(tmp_path / "ok.jsonl").ok
+    # Training reads the good lines only: the fourth it reads is prompt(3), not the answered line.
+    assert [ex["answer"] for _, ex in iter_examples(tmp_path / "bad.jsonl", method="reinforcement")][3] == "6"

@@ -661,6 +661,24 @@ def _not_an_object(obj: Any) -> Found | None:
     return [("data_type", "error", None, f"line is {_type_name(obj)}; each line must be a JSON object")]
 
 
+def _messages_list(obj: dict, out: Found) -> list | None:
+    """The line's `messages`, or None with the problem added when it is not a non-empty list."""
+    messages = obj.get("messages")
+    if isinstance(messages, list) and messages:
+        return messages
+    out.append(
+        (
+            "missing_messages_list",
+            "error",
+            "messages",
+            "line has no `messages` list"
+            if messages is None
+            else "`messages` must be a non-empty array of messages",
+        )
+    )
+    return None
+
+
 def check_chat_example(obj: Any) -> Found:
     """Problems of one supervised (chat) line, already parsed."""
     if (problem := _not_an_object(obj)) is not None:
@@ -677,18 +695,8 @@ def check_chat_example(obj: Any) -> Found:
                     "(allowed: messages, tools, parallel_tool_calls, functions)",
                 )
             )
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages:
-        out.append(
-            (
-                "missing_messages_list",
-                "error",
-                "messages",
-                "line has no `messages` list"
-                if messages is None
-                else "`messages` must be a non-empty array of messages",
-            )
-        )
+    messages = _messages_list(obj, out)
+    if messages is None:
         return out
     parallel, names = _check_tools(obj, "", out)
     n_assistant, n_trained, _ = _check_messages(
@@ -826,18 +834,8 @@ def check_prompt_example(obj: Any) -> Found:
     if (problem := _not_an_object(obj)) is not None:
         return problem
     out: Found = []
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages:
-        out.append(
-            (
-                "missing_messages_list",
-                "error",
-                "messages",
-                "line has no `messages` list"
-                if messages is None
-                else "`messages` must be a non-empty array of messages",
-            )
-        )
+    messages = _messages_list(obj, out)
+    if messages is None:
         return out
     parallel, names = _check_tools(obj, "", out)
     _check_messages(messages, "messages", out, parallel=parallel, tool_names=names)
