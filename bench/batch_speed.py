@@ -53,7 +53,11 @@ def bench(n: int, max_tokens: int, model_choice: str) -> None:
         )
 
         t = time.perf_counter()
-        direct = [client.chat.completions.create(**body).choices[0].message.content for body in bodies]
+        direct = []
+        for i, body in enumerate(bodies, start=1):
+            direct.append(client.chat.completions.create(**body).choices[0].message.content)
+            if i % 25 == 0:
+                print(f"  one by one: {i}/{n} after {time.perf_counter() - t:.1f} s", flush=True)
         one_by_one = time.perf_counter() - t
 
         t = time.perf_counter()

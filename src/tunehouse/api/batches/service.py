@@ -50,6 +50,7 @@ from tunehouse.store import job_status as st
 from tunehouse.store.tables import Batch, BatchOutput, Job, now
 from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import scoped
+from tunehouse.usage.quotas import check_concurrent_jobs, effective_quotas
 from tunehouse.webhooks.outbox import BATCH_FAILED, enqueue_job_event
 
 BATCH_FILE_PURPOSE = "batch"
@@ -419,6 +420,12 @@ def create_batch(
         session.commit()
         return to_wire(session, row)
 
+    # A batch is a job: it counts against the organization's concurrent jobs, as an eval run does.
+    check_concurrent_jobs(
+        effective_quotas(state.settings, session, principal.organization_id),
+        session,
+        principal.organization_id,
+    )
     key = runner.plan_key(principal.organization_id, batch_id)
     state.files.write_bytes(key, "".join(json.dumps(e) + "\n" for e in plan).encode())
     ref = resolve_for_inference(state, session, principal=principal, model=model)
