@@ -19,6 +19,7 @@ Timings on a shared machine are noisy: compare within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -95,17 +96,17 @@ def run_ours(train: Path, minutes: float, max_completion: int) -> dict:
             train_file=train,
             valid_file=None,
             output_dir=Path(out),
-            hyperparameters=Hyperparameters(n_epochs=1, batch_size=1, learning_rate_multiplier=LEARNING_RATE / 2e-4),
+            hyperparameters=Hyperparameters(
+                n_epochs=1, batch_size=1, learning_rate_multiplier=LEARNING_RATE / 2e-4
+            ),
             seed=0,
             sampler=sample_groups,
             rewarder=lambda lines, texts: [(r, None) for r in rewards(lines, texts)],
             group_size=8,
             max_completion_tokens=max_completion,
         )
-        try:
+        with contextlib.suppress(TrainingStopped):
             grpo(spec, Hooks())
-        except TrainingStopped:
-            pass
     return summary("tunehouse", history, minutes)
 
 
@@ -208,10 +209,14 @@ def main() -> None:
             results["trl"] = run_trl(train, args.minutes, args.max_completion)
     if len(results) == 2:
         ratio = results["ours"]["steps_per_minute"] / max(1e-9, results["trl"]["steps_per_minute"])
-        print(f"steps per minute: tunehouse {results['ours']['steps_per_minute']:.2f}, "
-              f"TRL {results['trl']['steps_per_minute']:.2f}: {ratio:.2f}x")
-        print(f"training reward of the last 10 steps: tunehouse {results['ours']['reward_last_10']:.3f}, "
-              f"TRL {results['trl']['reward_last_10']:.3f}")
+        print(
+            f"steps per minute: tunehouse {results['ours']['steps_per_minute']:.2f}, "
+            f"TRL {results['trl']['steps_per_minute']:.2f}: {ratio:.2f}x"
+        )
+        print(
+            f"training reward of the last 10 steps: tunehouse {results['ours']['reward_last_10']:.3f}, "
+            f"TRL {results['trl']['reward_last_10']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -222,10 +222,11 @@ def test_create_errors(server, client, tmp_path):
             None,
         ),
         (
+            # A reinforcement job needs its grader.
             dict(model=TINY_MODEL, training_file=good.id, method={"type": "reinforcement"}),
             openai.BadRequestError,
-            "method.type",
-            "unsupported_method",
+            "method.reinforcement",
+            None,
         ),
         (
             dict(model="ft:tiny-smollm2:acme:x:12345678", training_file=good.id),
