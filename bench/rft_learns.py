@@ -84,19 +84,29 @@ def main() -> int:
             print(f"job {job.status} in {wall:.0f} s", job.error or "")
             if job.status != "succeeded":
                 return 1
-            metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"]
+            metrics = [
+                e.data
+                for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+                if e.type == "metrics"
+            ]
             metrics.sort(key=lambda m: m["step"])
             base = metrics[0]["base_valid_reward"]
             valid = [(m["step"], m["valid_reward"]) for m in metrics if "valid_reward" in m]
-            print(f"validation reward (greedy, {args.valid} held-out prompts): base {base:.3f}; "
-                  + ", ".join(f"step {s} {r:.3f}" for s, r in valid))
-            print(f"final full validation reward {metrics[-1].get('full_valid_reward', float('nan')):.3f} "
-                  f"after {metrics[-1]['step']} steps")
+            print(
+                f"validation reward (greedy, {args.valid} held-out prompts): base {base:.3f}; "
+                + ", ".join(f"step {s} {r:.3f}" for s, r in valid)
+            )
+            print(
+                f"final full validation reward {metrics[-1].get('full_valid_reward', float('nan')):.3f} "
+                f"after {metrics[-1]['step']} steps"
+            )
             for who, model in (("base", MODEL), ("fine-tuned", job.fine_tuned_model)):
                 answers = [
                     client.chat.completions.create(
                         model=model, messages=x["messages"], temperature=0, max_tokens=args.max_completion
-                    ).choices[0].message.content
+                    )
+                    .choices[0]
+                    .message.content
                     for x in lines[args.train :][:5]
                 ]
                 print(who, json.dumps(answers))
