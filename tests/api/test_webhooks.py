@@ -133,6 +133,10 @@ def test_endpoint_that_keeps_failing_is_marked_failed_after_the_last_attempt(fas
             "eval.run.succeeded",
             "eval.run.failed",
             "eval.run.canceled",
+            "batch.completed",
+            "batch.failed",
+            "batch.cancelled",
+            "batch.expired",
         ]
         client = live.client(key)
         f = client.files.create(
