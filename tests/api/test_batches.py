@@ -133,6 +133,7 @@ def test_every_bad_line_is_reported_with_its_number(server):
         line("unknown-field", chat_body(6, bogus_field=1)),
         line("bad-logprobs", chat_body(7, top_logprobs=2)),
         json.dumps({"custom_id": "m", "method": "GET", "url": CHAT, "body": chat_body(8)}),
+        line("stored", chat_body(9, store=True)),  # a batch's answers are not stored: refused
     ]
     f = upload(client, lines)
     batch = client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
@@ -145,6 +146,7 @@ def test_every_bad_line_is_reported_with_its_number(server):
     assert (6, "mismatched_model", "body.model") in errors
     assert (8, "invalid_value", "body.top_logprobs") in errors
     assert (9, "invalid_method", "method") in errors
+    assert (10, "invalid_value", "body.store") in errors
     assert all(e.line != 1 for e in batch.errors.data)  # the good line has none
     # A field the chat endpoint refuses is refused in a batch too (and accepted when it is).
     direct_refuses = True

@@ -239,6 +239,14 @@ def _plan_entry(endpoint: str, body: dict) -> tuple[str, dict[str, Any]]:
     if endpoint == CHAT:
         req = ChatCompletionRequest.model_validate(body)
         _no_stream(req)
+        if getattr(req, "store", False):
+            # A batch's answers go to its output file; storing them too is not built.
+            raise InvalidRequest(
+                "Invalid value for 'store': a batch's answers are not stored as chat completions "
+                "here; leave it out or false.",
+                param="store",
+                code="invalid_value",
+            )
         spec = chat.check_supported(req)
         params = chat.sampling_params(req, spec)
         return req.model, {
