@@ -250,7 +250,8 @@ def test_a_killed_rft_process_resumes_step_for_step(settings, tmp_path):
         train = client.files.create(
             file=write_jsonl(tmp_path / "t.jsonl", lines(prompts(10))).open("rb"), purpose="fine-tune"
         )
-        method = rft(BY_LENGTH, n_epochs=2, batch_size=1, compute_multiplier=0.5, max_completion_tokens=16)
+        # 40 steps: long enough that the kill lands mid-run on a fast machine too.
+        method = rft(BY_LENGTH, n_epochs=4, batch_size=1, compute_multiplier=0.5, max_completion_tokens=16)
 
         def create():
             return client.fine_tuning.jobs.create(
@@ -273,7 +274,7 @@ def test_a_killed_rft_process_resumes_step_for_step(settings, tmp_path):
         done = wait_for_job(client, job.id, timeout=300)
         assert done.status == "succeeded", done.error
         got = _rewards(client, job.id)
-        assert [s for s, _ in got] == list(range(1, 21)), "every step exactly once"
+        assert [s for s, _ in got] == list(range(1, 41)), "every step exactly once"
         assert got == _rewards(client, reference.id)
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
         assert any(m.startswith("Fine-tuning job resumed from step ") for m in messages)
