@@ -201,6 +201,7 @@ def test_a_grader_that_fails_on_most_answers_fails_the_job_once(client, files):
         ),
         (rft(FUZZY, reasoning_effort="extreme"), "method.reinforcement.hyperparameters.reasoning_effort"),
         (rft(FUZZY, compute_multiplier=0), "method.reinforcement.hyperparameters.compute_multiplier"),
+        (rft(FUZZY, kl_beta=0.1, fine_tuning_type="full"), "method.reinforcement.hyperparameters.kl_beta"),
         (rft(FUZZY, group_size=4), "method.reinforcement.hyperparameters.group_size"),
         (
             {

@@ -220,6 +220,14 @@ def _reinforcement_grader(
             "A reinforcement job needs method.reinforcement with the grader that scores its answers.",
             param="method.reinforcement",
         )
+    hyper = req.method.reinforcement.hyperparameters
+    if hyper.kl_beta and hyper.fine_tuning_type == "full":
+        # The KL term's reference is the base with the adapter switched off: a LoRA job's.
+        raise InvalidRequest(
+            "kl_beta needs a LoRA job (fine_tuning_type 'lora' or 'auto'): the KL penalty is taken "
+            "against the base model with the adapter switched off.",
+            param="method.reinforcement.hyperparameters.kl_beta",
+        )
     param = "method.reinforcement.grader"
     # OpenAI's FineTuneReinforcementMethod takes these grader types (a label_model only inside a
     # multi grader) and no pass_threshold.

@@ -110,6 +110,8 @@ class Reinforcement:
     def __init__(self, spec: ReinforcementSpec):
         if spec.sampler is None or spec.rewarder is None:
             raise ValueError("a reinforcement run needs a sampler and a rewarder")
+        if spec.kl_beta and spec.fine_tuning_type != "lora":
+            raise ValueError("kl_beta needs a LoRA run: its reference is the base, adapter off")
         self.spec = spec
         self.samples: list[dict] = []
 
