@@ -11,9 +11,12 @@ computed: the batch shrinks as answers end.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from tunehouse.inference.engine import SamplingParams
+from tunehouse.inference.models import stop_token_ids
 from tunehouse.inference.sampling import pick_tokens, seeded_generator
 
 
@@ -30,10 +33,15 @@ def sample_groups(
     top_p: float = 1.0,
 ) -> list[list[list[int]]]:
     """For each prompt (token ids), `n` answers (token ids, ending with an end-of-turn token when
-    the model stopped by itself, without it when cut at max_new_tokens). Temperature 0 is greedy.
+    the model stopped by itself (one of `eos_ids` or the model's own end tokens), without it when cut at max_new_tokens). Temperature 0 is greedy.
     Call it under torch.no_grad() with the model in eval mode."""
     from transformers import DynamicCache  # seconds to import: only a process that samples pays
 
+    # Where serving stops too: the model's and its generation config's end tokens.
+    no_tokenizer = SimpleNamespace(eos_token_id=None)
+    eos_ids = set(eos_ids) | set(
+        stop_token_ids(model.config, getattr(model, "generation_config", None), no_tokenizer)
+    )
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(n)]
     n_rows = len(rows)

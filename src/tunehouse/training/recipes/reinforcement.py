@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -90,15 +90,6 @@ class Prompt:
     line: dict  # the whole training line: what the grader reads as {{item.*}}
 
 
-@dataclass
-class _Step:
-    """What one step's rollout produced, for its micro-batches and its report."""
-
-    rows: list[Example]  # prompt + answer, answer tokens trained
-    advantages: list[float]
-    samples: list[dict] = field(default_factory=list)
-
-
 class Reinforcement:
     """The loop's recipe for GRPO (see the module docstring)."""
 
@@ -119,11 +110,8 @@ class Reinforcement:
 
     def load_data(self, spec: TrainSpec, tokenizer) -> Data:
         self.tokenizer = tokenizer
-        self.eos_ids = {
-            t
-            for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-            if t is not None
-        }
+        # The sampler adds the model's own end tokens (those serving stops at).
+        self.eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         room = spec.max_length - self.spec.max_completion_tokens
 
         def prompts(path) -> list[Prompt]:
