@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -172,3 +173,11 @@ def wait_for_job(
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} still {job.status} after {timeout}s")
+
+
+def runner_pids(job_id: str) -> list[int]:
+    """The pids of the runner process(es) of a job (any kind: fine-tuning, eval run, batch)."""
+    out = subprocess.run(
+        ["pgrep", "-f", f"tunehouse.jobs.runner train {job_id}"], capture_output=True, text=True
+    )
+    return [int(p) for p in out.stdout.split()]

@@ -7,26 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import openai
 import pytest
 from sqlalchemy import func, select, update
 
-from tests.api.conftest import LiveServer, create_tenant_key
+from tests.api.conftest import LiveServer, create_tenant_key, runner_pids
 from tests.api.test_batches import CHAT, file_lines, line, upload, wait_batch
 from tests.api.test_webhooks import Receiver
 from tests.conftest import TINY_MODEL
 from tests.jobs.conftest import wait_until
 from tunehouse.store.engine import Database
 from tunehouse.store.tables import Batch, BatchOutput, UsageRecord
-
-
-def _runner_pids(batch_id: str) -> list[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", f"tunehouse.jobs.runner train {batch_id}"], capture_output=True, text=True
-    )
-    return [int(p) for p in out.stdout.split()]
 
 
 def _lines(db: Database, batch_id: str) -> dict[int, str]:
@@ -76,7 +68,7 @@ def test_a_batch_killed_mid_way_resumes_without_losing_or_repeating_lines(settin
             wait_until(
                 lambda: 0 < len(_lines(db, batch.id)) < n, timeout=300, what="the first lines", every=0.05
             )
-            pids = _runner_pids(batch.id)
+            pids = runner_pids(batch.id)
             assert pids
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
@@ -123,7 +115,7 @@ def test_cancel_mid_way_keeps_the_lines_done_and_each_end_sends_its_webhook(sett
             assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
             done = wait_batch(client, batch.id, timeout=120)
             assert done.status == "cancelled" and done.cancelled_at
-            wait_until(lambda: not _runner_pids(batch.id), timeout=60, what="the runner to stop")
+            wait_until(lambda: not runner_pids(batch.id), timeout=60, what="the runner to stop")
             written = _lines(db, batch.id)
             assert 0 < len(written) < n
             out = file_lines(client, done.output_file_id)

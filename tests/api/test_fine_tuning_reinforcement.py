@@ -10,13 +10,12 @@ import io
 import json
 import os
 import signal
-import subprocess
 import time
 
 import openai
 import pytest
 
-from tests.api.conftest import LiveServer, wait_for_job, write_jsonl
+from tests.api.conftest import LiveServer, runner_pids, wait_for_job, write_jsonl
 from tests.conftest import TINY_MODEL
 
 FUZZY = {
@@ -266,12 +265,10 @@ def test_a_killed_rft_process_resumes_step_for_step(settings, tmp_path):
         while len(_rewards(client, job.id)) < 4:
             assert time.time() < deadline, "training made no progress"
             time.sleep(0.2)
-        pids = subprocess.run(
-            ["pgrep", "-f", f"tunehouse.jobs.runner train {job.id}"], capture_output=True, text=True
-        ).stdout.split()
+        pids = runner_pids(job.id)
         assert pids
         for pid in pids:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         done = wait_for_job(client, job.id, timeout=300)
         assert done.status == "succeeded", done.error
         got = _rewards(client, job.id)

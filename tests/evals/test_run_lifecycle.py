@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 from sqlalchemy import func, select
 
-from tests.api.conftest import LiveServer, create_org_key, create_tenant_key
+from tests.api.conftest import LiveServer, create_org_key, create_tenant_key, runner_pids
 from tests.api.test_webhooks import Receiver
 from tests.conftest import TINY_MODEL
 from tests.evals.common import ITEM_SCHEMA, SYSTEM, make_eval, rows, wait_run
@@ -25,13 +25,6 @@ from tunehouse.jobs import queue
 from tunehouse.jobs.worker import child_env
 from tunehouse.store.engine import Database
 from tunehouse.store.tables import EvalOutputItem, UsageRecord
-
-
-def _runner_pids(run_id: str) -> list[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", f"tunehouse.jobs.runner train {run_id}"], capture_output=True, text=True
-    )
-    return [int(p) for p in out.stdout.split()]
 
 
 def _items(db: Database, run_id: str) -> dict[int, str]:
@@ -107,7 +100,7 @@ def test_a_run_killed_mid_way_resumes_without_losing_or_duplicating_items(settin
                 what="the first output items",
                 every=0.05,
             )
-            pids = _runner_pids(run.id)
+            pids = runner_pids(run.id)
             assert pids
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
@@ -144,7 +137,7 @@ def test_cancel_stops_the_run_and_keeps_its_items(settings):
             wait_until(lambda: _items(db, run.id), timeout=300, what="the first output items", every=0.05)
             canceled = client.evals.runs.cancel(run.id, eval_id=ev.id)
             assert canceled.status == "canceled"
-            wait_until(lambda: not _runner_pids(run.id), timeout=60, what="the run's process to stop")
+            wait_until(lambda: not runner_pids(run.id), timeout=60, what="the run's process to stop")
             kept = _items(db, run.id)
             assert 0 < len(kept) < 200
             got = client.evals.runs.retrieve(run.id, eval_id=ev.id)
