@@ -1,6 +1,6 @@
 """Every identifier the system hands out, in OpenAI's shapes where OpenAI has one: file-…, upload_…,
 part_…, ftjob-…, ftevent-…, ftckpt_…, chatcmpl-…, cmpl-…, proj_…, cp_…, audit_log-…, eval_…, evalrun_…,
-outputitem_…, ft:<base>:<org>:<suffix>:<id>;
+outputitem_…, resp_…, msg_…, fc_…, fco_…, ft:<base>:<org>:<suffix>:<id>;
 ours (keys, webhooks, request ids) in the same style. Nothing else makes ids by hand."""
 
 from __future__ import annotations
@@ -156,3 +156,14 @@ def batch_id() -> str:
 def batch_request_id() -> str:
     """One request of a batch, as its output and error files name it."""
     return f"batch_req_{uuid.uuid4().hex}"
+
+
+def response_id() -> str:
+    """A response (/v1/responses): OpenAI's shape, resp_ + hex digits."""
+    return f"resp_{uuid.uuid4().hex}{_hex(16)}"
+
+
+def response_item_id(kind: str) -> str:
+    """An item of a response's input or output, prefixed as OpenAI does: `msg` for messages, `fc`
+    for function calls, `fco` for function call outputs."""
+    return f"{kind}_{uuid.uuid4().hex}{_hex(16)}"

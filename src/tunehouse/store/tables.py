@@ -529,3 +529,23 @@ class StoredCompletion(Base):
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
     messages: Mapped[list[Any]] = mapped_column(JSON)  # the request's messages, as sent
     response: Mapped[dict[str, Any]] = mapped_column(JSON)  # the chat.completion, as sent
+
+
+class StoredResponse(Base):
+    """A response of /v1/responses (`store`, default true; every `background` one): the Response
+    object as last known (its status moves while a background response runs), and the input items
+    it was generated from (the conversation before it, from `previous_response_id`, then the
+    request's own input), each with its id, as `input_items` lists them."""
+
+    __tablename__ = "stored_responses"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)  # resp_…
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    project_id: Mapped[str | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    input_items: Mapped[list[Any]] = mapped_column(JSON)
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)  # the Response object, as answered
