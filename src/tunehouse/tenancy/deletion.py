@@ -37,6 +37,7 @@ from tunehouse.store.tables import (
     Organization,
     Project,
     StoredCompletion,
+    StoredResponse,
     Upload,
     now,
 )
@@ -202,6 +203,12 @@ def delete_project(
                 & (StoredCompletion.project_id == project_id)
             )
         )
+        s.execute(
+            delete(StoredResponse).where(
+                (StoredResponse.organization_id == organization_id)
+                & (StoredResponse.project_id == project_id)
+            )
+        )
         s.execute(delete(Job).where(Job.id.in_(job_ids)))  # events go with them (ON DELETE CASCADE)
         s.execute(delete(File).where(File.id.in_([f.id for f in files])))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.project_id == project_id)).rowcount
@@ -272,6 +279,7 @@ def delete_organization(
         out.uploads = len(upload_keys)
         out.batches, _ = _delete_batches(s, Batch.organization_id == organization_id)
         s.execute(delete(StoredCompletion).where(StoredCompletion.organization_id == organization_id))
+        s.execute(delete(StoredResponse).where(StoredResponse.organization_id == organization_id))
         s.execute(delete(Job).where(Job.organization_id == organization_id))
         s.execute(delete(File).where(File.organization_id == organization_id))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.organization_id == organization_id)).rowcount
