@@ -549,3 +549,24 @@ class StoredResponse(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     input_items: Mapped[list[Any]] = mapped_column(JSON)
     response: Mapped[dict[str, Any]] = mapped_column(JSON)  # the Response object, as answered
+
+
+class RegisteredBaseModel(Base):
+    """A base model added with `tunehouse models add` or the admin API (store/registry.py): its
+    weights copied under the server's home, what was read from its config when it was added, and
+    the organizations that may use it (None: every organization)."""
+
+    __tablename__ = "base_models"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)  # bm_…
+    name: Mapped[str] = mapped_column(String(256), unique=True)
+    path: Mapped[str] = mapped_column(Text)  # the copied Hugging Face folder
+    source: Mapped[str] = mapped_column(Text)  # the folder or GGUF file it was added from
+    architecture: Mapped[str] = mapped_column(String(128))  # e.g. Qwen2ForCausalLM
+    model_type: Mapped[str] = mapped_column(String(64))  # e.g. qwen2
+    context_length: Mapped[int] = mapped_column(Integer)
+    parameters: Mapped[int] = mapped_column(BigInteger)
+    dtype: Mapped[str] = mapped_column(String(16))  # of the stored weights
+    memory: Mapped[dict[str, Any]] = mapped_column(JSON)  # bytes: serve, train_lora, train_full
+    organizations: Mapped[list[Any] | None] = mapped_column(JSON)  # organization ids; None: all
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
