@@ -145,7 +145,7 @@ def test_int8_lora_down_projections_ride_in_the_int8_matmul(tiny_model_dir, adap
 
 
 @pytest.mark.parametrize(
-    ("attribute", "value"), [("model_type", "mistral"), ("hidden_act", "gelu"), ("pretraining_tp", 2)]
+    ("attribute", "value"), [("model_type", "phi"), ("sliding_window", 512), ("pretraining_tp", 2)]
 )
 def test_architectures_it_was_not_checked_against_keep_transformers_forward(tiny_model_dir, attribute, value):
     model = _model(tiny_model_dir, torch.float32)

@@ -1,5 +1,5 @@
-"""The decode step of Llama-architecture models (SmolLM2 and the Llama family), without transformers'
-per-call machinery.
+"""The decode step of Llama-shaped models (SmolLM2 and the Llama, Mistral, Qwen2, Qwen3 and Gemma
+families), without transformers' per-call machinery.
 
 A decode step feeds one token per sequence. On a CPU, with a small model, the time around the
 matmuls counts: transformers' forward builds a 4D mask, computes the rotary tables, goes through
@@ -18,11 +18,20 @@ one-stream step. Besides:
 On fp32 its logits equal transformers' within 1e-5 (tests/inference/test_decode.py); prompts
 (prefill) still go through transformers.
 
-Only what this was checked against is taken (`fast_decoder` returns None otherwise, and the engine
-keeps transformers' forward): `model_type` "llama", default RoPE, a SiLU MLP.
+The families it covers differ from Llama only in small ways, each handled where it arises:
+- Mistral: none (a sliding window shorter than the context is not covered);
+- Qwen2: biases on q/k/v (fused like the weights);
+- Qwen3: an RMSNorm over the head dimension on q and k, before the rotation;
+- Gemma (the first generation): embeddings scaled by sqrt(hidden) (its embedding module does that),
+  RMSNorm scaling by (1 + w) in fp32 before the cast, and a tanh-GeLU MLP (the layer's own act_fn).
+Only what this was checked against is taken (`fast_decoder` returns None otherwise, with one line
+in the log, and the engine keeps transformers' forward): those `model_type`s, default RoPE, no
+sliding window shorter than the context, no tensor-parallel pretraining split.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +41,40 @@ from tunehouse.inference.lora import LoraLinear
 from tunehouse.inference.native import native_ops
 from tunehouse.inference.quantize import SharedInput, W8A8Linear
 
+log = logging.getLogger(__name__)
+
+# The model_types whose decode step `LlamaDecoder` computes (see the module's docstring).
+FAST_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma"})
+
 
 def fast_decoder(model: nn.Module) -> LlamaDecoder | None:
-    config = model.config
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if (
-        config.model_type != "llama"
-        or getattr(rotary, "rope_type", None) != "default"
-        or config.hidden_act != "silu"
-        or getattr(config, "pretraining_tp", 1) != 1
-    ):
+    """The fast decode step for `model`, or None (logged once) where it does not cover the model."""
+    reason = _not_covered(model)
+    if reason is not None:
+        log.info(
+            "fast decoding does not cover this model (%s): decode steps use transformers' forward", reason
+        )
         return None
     return LlamaDecoder(model)
+
+
+def _not_covered(model: nn.Module) -> str | None:
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAST_FAMILIES:
+        return f"architecture {model_type!r}; covered: {', '.join(sorted(FAST_FAMILIES))}"
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if getattr(rotary, "rope_type", None) != "default":
+        return f"RoPE type {getattr(rotary, 'rope_type', None)!r}"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < getattr(config, "max_position_embeddings", 0):
+        return f"a sliding window of {window} tokens"
+    layers = getattr(model.model, "layers", None)
+    if not layers or not all(hasattr(layer.mlp, "act_fn") for layer in layers):
+        return "an MLP without act_fn"
+    return None
 
 
 class LlamaDecoder:
@@ -73,14 +104,41 @@ class LlamaDecoder:
         self.gate_up = [_Projections(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
         self.down = [_Projections(layer.mlp, ("down_proj",)) for layer in self.layers]
         self.intermediate = config.intermediate_size
+        # SiLU as one op; other families' activation (Gemma's tanh-GeLU) as the layer computes it.
+        self.act = F.silu if getattr(config, "hidden_act", None) == "silu" else self.layers[0].mlp.act_fn
+        # Qwen3: RMSNorm over each head of q and k (no native op: it normalises 4D tensors).
+        self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
+        # Gemma scales by (1 + w), in fp32, before casting back: the weights it multiplies by, kept.
+        self.gemma = config.model_type == "gemma"
+        self.scales: dict[int, torch.Tensor] = {}
+        if self.gemma:
+            norms = [
+                inner.norm,
+                *(
+                    m
+                    for layer in self.layers
+                    for m in (layer.input_layernorm, layer.post_attention_layernorm)
+                ),
+            ]
+            for m in norms:
+                self.scales[id(m)] = 1.0 + m.weight.detach().float()
 
-    def _norm(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _norm(self, module: nn.Module, h: torch.Tensor, native: bool = True) -> torch.Tensor:
+        """RMSNorm of `h` over its last dimension, as `module` (a norm layer of the model) computes it."""
+        size = (h.shape[-1],)
+        if self.gemma:  # (1 + w), applied in fp32 before the cast (transformers' GemmaRMSNorm)
+            scale = self.scales[id(module)]
+            if self.fp32:
+                if native and self.native is not None:
+                    return self.native.rms_norm(h, scale, self.eps)
+                return F.rms_norm(h, size, scale, self.eps)
+            return (F.rms_norm(h.float(), size, None, self.eps) * scale).to(h.dtype)
         if self.fp32:
-            if self.native is not None:  # one op where ATen's takes six
+            if native and self.native is not None:  # one op where ATen's takes six
                 return self.native.rms_norm(h, module.weight, self.eps)
-            return F.rms_norm(h, (self.hidden,), module.weight, self.eps)
+            return F.rms_norm(h, size, module.weight, self.eps)
         # transformers' RMSNorm: normalise in fp32, cast back, then scale; three ops instead of seven.
-        return module.weight * F.rms_norm(h.float(), (self.hidden,), None, self.eps).to(h.dtype)
+        return module.weight * F.rms_norm(h.float(), size, None, self.eps).to(h.dtype)
 
     def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         """One query position against the cache: [rows, heads, 1, dim] → [rows, heads * dim].
@@ -162,11 +220,20 @@ class LlamaDecoder:
             # q and k side by side in y: rotated together, as [rows, heads, 1, dim] (with one
             # position, the same layout as transformers' view-then-transpose).
             qk = y[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, 1, dim)
+            if self.qk_norm:  # Qwen3: each head of q and k normalised before the rotation
+                attn = layer.self_attn
+                qk = torch.cat(
+                    (
+                        self._norm(attn.q_norm, qk[:, :heads], native=False),
+                        self._norm(attn.k_norm, qk[:, heads:], native=False),
+                    ),
+                    dim=1,
+                )
             qk = qk * cos + qk.roll(half, dims=-1) * sin
             k, v = kv.append(qk[:, heads:], y[:, (heads + kv_heads) * dim :].view(rows, kv_heads, 1, dim))
             h = h + o(self._attend(qk[:, :heads], k, v, attend))
             y = gate_up(self._norm(layer.post_attention_layernorm, h))
-            h = h + down(F.silu(y[:, : self.intermediate]) * y[:, self.intermediate :])
+            h = h + down(self.act(y[:, : self.intermediate]) * y[:, self.intermediate :])
         return self.head(self._norm(self.norm, h))
 
 
@@ -174,7 +241,8 @@ class _Projections:
     """The linear layers of one block that read the same input (q/k/v, o, gate/up, down), computed
     as one: their outputs side by side in one tensor [rows, sum of out_features].
 
-    Base weights: plain `nn.Linear`s without bias are moved into one tensor, of which each layer's
+    Base weights: plain `nn.Linear`s, all without bias or all with one (their biases fused the same
+    way), are moved into one tensor, of which each layer's
     weight becomes a view, so transformers' forward (prefills) sees the same layers and no memory is
     added. A bf16 matmul of 16 rows by 576 costs nearly as much for 192 outputs (k, v) as for 576
     (q): fused, q/k/v take 90 µs, not 147. int8 layers already share one matmul per input (see
@@ -204,12 +272,20 @@ class _Projections:
         linears = [m.base if isinstance(m, LoraLinear) else m for m in linears]
         self.sizes = [m.out_features for m in linears]
         self.weight: torch.Tensor | None = None
-        if all(type(m) is nn.Linear and m.bias is None for m in linears) and (
-            len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
+        self.bias: torch.Tensor | None = None
+        with_bias = [m.bias is not None for m in linears if type(m) is nn.Linear]
+        if (
+            all(type(m) is nn.Linear for m in linears)
+            and len(set(with_bias)) == 1  # all with a bias (Qwen2's q/k/v) or none
+            and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
         ):
             self.weight = torch.cat([m.weight.detach() for m in linears])
             for m, view in zip(linears, self.weight.split(self.sizes), strict=True):
                 m.weight = nn.Parameter(view, requires_grad=False)
+            if with_bias[0]:
+                self.bias = torch.cat([m.bias.detach() for m in linears])
+                for m, view in zip(linears, self.bias.split(self.sizes), strict=True):
+                    m.bias = nn.Parameter(view, requires_grad=False)
         # The int8 group these layers make up, if exactly they, in this order.
         groups = {id(m.group): m.group for m in linears if isinstance(m, W8A8Linear)}
         group = next(iter(groups.values())) if len(groups) == 1 else None
@@ -231,7 +307,7 @@ class _Projections:
                 self.int8.full(x) if context is None else self._int8_with_lora(x, context, modules, wrapped)
             )
         if self.weight is not None:
-            out = F.linear(x, self.weight)
+            out = F.linear(x, self.weight, self.bias)
         else:
             bases = [m.base if isinstance(m, LoraLinear) else m for m in modules]
             out = torch.cat([base(x) for base in bases], dim=-1) if len(bases) > 1 else bases[0](x)
