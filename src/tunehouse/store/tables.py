@@ -252,6 +252,44 @@ class CheckpointPermission(Base):
     )
 
 
+class ModelAlias(Base):
+    """Another name for a model, in one organization (`tunehouse aliases`, the admin API): an old
+    OpenAI name (`ft:gpt-4o-mini-…`) that reaches its replacement. The target is a model name (a
+    base or fine-tuned model, or a checkpoint) or a fine-tuning job id, which stands for the job's
+    fine-tuned model once it has succeeded (api/models/aliases.py resolves it)."""
+
+    __tablename__ = "model_aliases"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(256))
+    target: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+    __table_args__ = (UniqueConstraint("organization_id", "name", name="uq_model_aliases_org_name"),)
+
+
+class MigrationImport(Base):
+    """What `tunehouse migrate` created for an object of another platform (an OpenAI file, job,
+    eval or model name), so that running it again creates nothing twice."""
+
+    __tablename__ = "migration_imports"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    source: Mapped[str] = mapped_column(String(32))  # "openai"
+    kind: Mapped[str] = mapped_column(String(32))  # file | job | eval | alias
+    source_id: Mapped[str] = mapped_column(String(512))  # the id (or model name) over there
+    local_id: Mapped[str] = mapped_column(String(512))  # what it became here
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+    __table_args__ = (
+        UniqueConstraint("organization_id", "source", "kind", "source_id", name="uq_migration_imports_key"),
+    )
+
+
 class AuditLog(Base):
     """Key, project and deletion actions, written in the same transaction as the action.
 

@@ -34,6 +34,8 @@ from tunehouse.store.tables import (
     EvalRun,
     File,
     Job,
+    MigrationImport,
+    ModelAlias,
     Organization,
     Project,
     StoredCompletion,
@@ -280,6 +282,8 @@ def delete_organization(
         out.batches, _ = _delete_batches(s, Batch.organization_id == organization_id)
         s.execute(delete(StoredCompletion).where(StoredCompletion.organization_id == organization_id))
         s.execute(delete(StoredResponse).where(StoredResponse.organization_id == organization_id))
+        s.execute(delete(ModelAlias).where(ModelAlias.organization_id == organization_id))
+        s.execute(delete(MigrationImport).where(MigrationImport.organization_id == organization_id))
         s.execute(delete(Job).where(Job.organization_id == organization_id))
         s.execute(delete(File).where(File.organization_id == organization_id))
         out.keys = s.execute(delete(ApiKey).where(ApiKey.organization_id == organization_id)).rowcount

@@ -437,6 +437,7 @@ def create_batch(
     key = runner.plan_key(principal.organization_id, batch_id)
     state.files.write_bytes(key, "".join(json.dumps(e) + "\n" for e in plan).encode())
     ref = resolve_for_inference(state, session, principal=principal, model=model)
+    model = row.model = ref.name  # an alias's model: the worker runs (and answers with) the model itself
     row.status, row.plan_path = VALIDATING, key
     row.expires_at = created + runner.WINDOW_SECONDS[req.completion_window]
     # The job that runs it: the queue's columns; those of fine-tuning hold neutral values.

@@ -28,8 +28,8 @@ RunStatus = Literal["queued", "in_progress", "completed", "canceled", "failed"]
 
 
 @router.post("", response_model=Eval, status_code=201)
-def create_eval(req: CreateEvalRequest, session: SessionDep, principal: OrgDep) -> Eval:
-    return service.create_eval(session, principal=principal, req=req)
+def create_eval(req: CreateEvalRequest, state: StateDep, session: SessionDep, principal: OrgDep) -> Eval:
+    return service.create_eval(session, principal=principal, req=req, settings=state.settings)
 
 
 @router.get("", response_model=EvalList)

@@ -21,6 +21,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from tunehouse import ids
+from tunehouse.api.aliases.service import resolve_grader_models
 from tunehouse.api.evals.protocol import (
     CreateEvalRequest,
     CreateEvalRunRequest,
@@ -39,6 +40,7 @@ from tunehouse.api.files.service import get_file_row
 from tunehouse.api.models.service import resolve_for_inference
 from tunehouse.api.pagination import page
 from tunehouse.api.state import AppState
+from tunehouse.config import Settings
 from tunehouse.errors import InvalidRequest, ModelNotFound, NotFound
 from tunehouse.evals.definitions import (
     DataSourceConfig,
@@ -102,10 +104,22 @@ def get_eval_row(session: Session, *, principal: Principal, eval_id: str) -> Eva
     return row
 
 
-def create_eval(session: Session, *, principal: Principal, req: CreateEvalRequest) -> WireEval:
+def create_eval(
+    session: Session,
+    *,
+    principal: Principal,
+    req: CreateEvalRequest,
+    settings: Settings,
+    eval_id: str | None = None,
+) -> WireEval:
+    """`eval_id`: an id chosen by the caller (`tunehouse migrate` records it in the same commit)."""
     config = parse_data_source_config(req.data_source_config)
-    criteria = parse_testing_criteria(req.testing_criteria, config)
-    eval_id = ids.eval_id()
+    # Model aliases in model graders become their models now: runs (the worker) use the models.
+    testing_criteria = resolve_grader_models(
+        settings, session, principal=principal, spec=req.testing_criteria, param="testing_criteria"
+    )
+    criteria = parse_testing_criteria(testing_criteria, config)
+    eval_id = eval_id or ids.eval_id()
     created = now()
     row = Eval(
         id=eval_id,
@@ -257,6 +271,9 @@ def _resolve(state: AppState, session: Session, principal: Principal, model: str
         return resolve_for_inference(state, session, principal=principal, model=model)
     except ModelNotFound:
         raise ModelNotFound(model, param=param) from None
+    except NotFound as e:  # an alias that leads nowhere now: its own message, this param
+        e.param = param
+        raise
 
 
 def _read_lines(state: AppState, session: Session, principal: Principal, file_id: str):
@@ -309,6 +326,7 @@ def create_run(
     refs = []
     if source.model is not None:
         refs.append(_resolve(state, session, principal, source.model, "data_source.model"))
+        source.model = refs[0].name  # an alias's model: the worker runs the model itself
     for grader in graders:
         for model, param in grader.models().items():
             refs.append(_resolve(state, session, principal, model, param))
