@@ -67,10 +67,13 @@ def test_auto_n_epochs_follows_openai():
     ]
 
 
-def test_context_length_is_capped(default_model_dir, tmp_path):
-    assert context_length_for(default_model_dir) == DEFAULT_CONTEXT_LENGTH == 2048  # SmolLM2: 8192
+def test_context_length_is_the_models_own(default_model_dir, tmp_path):
+    assert context_length_for(default_model_dir) == 8192  # SmolLM2's max_position_embeddings
+    assert context_length_for(default_model_dir, cap=2048) == 2048
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 1024}')
     assert context_length_for(tmp_path) == 1024
+    (tmp_path / "config.json").write_text("{}")
+    assert context_length_for(tmp_path) == DEFAULT_CONTEXT_LENGTH == 2048
 
 
 def test_estimate_matches_a_hand_count(tmp_path, tokenizer):

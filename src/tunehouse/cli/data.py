@@ -161,7 +161,7 @@ def check(
     ] = "auto",
     context_length: Annotated[
         int | None,
-        typer.Option(help="Training context in tokens (default: the model's, capped at 2048)."),
+        typer.Option(help="Training context in tokens (default: the model's own)."),
     ] = None,
     price: Annotated[float, typer.Option(help="Price per million billable tokens, USD.")] = 25.0,
     tokens_per_second: Annotated[

@@ -13,6 +13,7 @@ from rich.console import Console
 from tunehouse.cli.data import data_app
 from tunehouse.cli.evals import eval_cmd
 from tunehouse.cli.export import export_cmd
+from tunehouse.cli.models import models_app
 from tunehouse.cli.tenancy import audit_cmd, keys_app, orgs_app, projects_app
 from tunehouse.cli.usage import quotas_app, usage_cmd, webhooks_app
 
@@ -24,6 +25,7 @@ app.add_typer(orgs_app, name="orgs")
 app.add_typer(projects_app, name="projects")
 app.command("audit")(audit_cmd)
 app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
 app.command("export")(export_cmd)
 app.command("eval")(eval_cmd)
 app.add_typer(quotas_app, name="quotas")

@@ -14,9 +14,9 @@
 - estimate: billable tokens = sum(min(tokens, context)) × epochs, with the OpenAI `auto` epochs rule;
   cost at `price_per_million` and, given a measured `tokens_per_second`, a duration.
 
-Context length: the base model's ``max_position_embeddings`` capped at ``DEFAULT_CONTEXT_LENGTH``
-(2048), the length the trainer uses by default; longer contexts cost memory quadratically in
-attention activations on the machines we target, and most chat examples are far shorter.
+Context length: the base model's own (``max_position_embeddings``, or its text config's), as the
+trainer uses it: an example is truncated only where the model itself could not read it. A folder
+whose config names none gets ``DEFAULT_CONTEXT_LENGTH`` (2048).
 """
 
 from __future__ import annotations
@@ -41,16 +41,21 @@ NEAR_DUPLICATE_THRESHOLD = 0.8  # estimated Jaccard similarity of word 3-gram se
 NEAR_DUPLICATE_MAX_EXAMPLES = 50_000  # beyond this, only exact duplicates are looked for (~1.4 kB each)
 
 
-def context_length_for(model_dir: Path, *, cap: int = DEFAULT_CONTEXT_LENGTH) -> int:
-    """The training context for a Hugging Face model folder: max_position_embeddings capped at `cap`."""
+def context_length_for(model_dir: Path, *, cap: int | None = None) -> int:
+    """The training context for a Hugging Face model folder: the model's own (its config's
+    max_position_embeddings, or its text config's), at most `cap` where one is given;
+    DEFAULT_CONTEXT_LENGTH where the config names none."""
+    fallback = cap or DEFAULT_CONTEXT_LENGTH
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
-        return cap
-    max_pos = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+        return fallback
+    max_pos = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
         "max_position_embeddings"
     )
-    return min(int(max_pos), cap) if max_pos else cap
+    if not max_pos:
+        return fallback
+    return min(int(max_pos), cap) if cap else int(max_pos)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from tunehouse.data.analysis import context_length_for
 from tunehouse.hardware import resolve_device, resolve_dtype
 from tunehouse.training import state as saved_state
 from tunehouse.training.hparams import LORA_TARGET_MODULES, Hyperparameters, base_learning_rate
@@ -78,7 +79,9 @@ class TrainSpec:
     output_dir: Path  # everything is written here
     hyperparameters: Hyperparameters
     seed: int
-    max_length: int = 2048  # training context; longer examples are truncated from the end
+    # Training context: longer examples are truncated from the end. None: the model's own context
+    # (its config's max_position_embeddings), so only memory bounds it.
+    max_length: int | None = None
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -103,6 +106,8 @@ class TrainSpec:
     def __post_init__(self) -> None:
         if self.fine_tuning_type not in ("lora", "full"):
             raise ValueError(f"fine_tuning_type must be 'lora' or 'full', got {self.fine_tuning_type!r}")
+        if self.max_length is None:
+            self.max_length = context_length_for(self.base_model_path)
 
     @property
     def learning_rate(self) -> float:

@@ -49,7 +49,12 @@ def mask_preview(
             f"Line {line} has no `messages` list (a preview shows chat lines, not preference pairs).",
             param="line",
         )
-    base = resolve_base_model(state.settings, model or state.settings.default_model)
+    base = resolve_base_model(
+        state.settings,
+        model or state.settings.default_model,
+        session=session,
+        organization_id=principal.organization_id,
+    )
     tokenizer = _tokenizer(str(base.path))
     try:
         tokenized = tokenize_chat(tokenizer, example, max_length=context_length_for(base.path))

@@ -39,7 +39,12 @@ def check(state: AppState, session: Session, *, principal: Principal, req: DataC
         if req.validation_file
         else None
     )
-    base = resolve_base_model(state.settings, req.model or state.settings.default_model)
+    base = resolve_base_model(
+        state.settings,
+        req.model or state.settings.default_model,
+        session=session,
+        organization_id=principal.organization_id,
+    )
     report = check_files(
         train,
         validation=valid,

@@ -163,7 +163,7 @@ def _resolve_start(
 ) -> tuple[str, dict]:
     """(base model, options) for a job starting from `model`: a base, or one of the
     organization's fine-tuned models or checkpoints, whose adapter training then continues."""
-    if is_base_model(settings, model):
+    if is_base_model(settings, model, session=session, organization_id=principal.organization_id):
         return model, {}
     if model.startswith("ft:"):
         row = own_checkpoint(session, principal, model)
@@ -192,9 +192,11 @@ def _evaluation_options(
             parse_grader({k: v for k, v in c.items() if k != "id"}, param="evaluation.eval_id")
             for c in row.testing_criteria
         ]
+    org = principal.organization_id
     for grader in graders:
         for model, param in grader.models().items():
-            if not is_base_model(settings, model) and usable_checkpoint(session, principal, model) is None:
+            usable_base = is_base_model(settings, model, session=session, organization_id=org)
+            if not usable_base and usable_checkpoint(session, principal, model) is None:
                 raise ModelNotFound(model, param=param)
     specs = [grader.spec for grader in graders]
     if specs and not req.validation_file:
@@ -234,8 +236,10 @@ def _reinforcement_grader(
     grader = parse_grader(
         req.method.reinforcement.grader, param=param, allow_label_model=False, allow_pass_threshold=False
     )
+    org = principal.organization_id
     for model, where in grader.models().items():
-        if not is_base_model(settings, model) and usable_checkpoint(session, principal, model) is None:
+        usable_base = is_base_model(settings, model, session=session, organization_id=org)
+        if not usable_base and usable_checkpoint(session, principal, model) is None:
             raise ModelNotFound(model, param=where)
     return {"grader": grader.spec}
 

@@ -8,7 +8,7 @@ from tunehouse.api.models.protocol import Model, ModelDeleted, ModelList
 from tunehouse.api.state import AppState
 from tunehouse.errors import ModelNotFound, PermissionDenied
 from tunehouse.inference.engine import ModelRef
-from tunehouse.store.catalog import BASE_CREATED, is_base_model, list_base_models, resolve_base_model
+from tunehouse.store.catalog import base_model_entries, is_base_model, resolve_base_model
 from tunehouse.tenancy import audit
 from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import own_checkpoint, usable_checkpoint, usable_checkpoints
@@ -18,15 +18,19 @@ from tunehouse.tenancy.scope import own_checkpoint, usable_checkpoint, usable_ch
 
 
 def list_models(state: AppState, session: Session, *, principal: Principal) -> ModelList:
-    data = [Model(id=n, created=BASE_CREATED, owned_by="tunehouse") for n in list_base_models(state.settings)]
+    bases = base_model_entries(state.settings, session=session, organization_id=principal.organization_id)
+    data = [Model(id=b.name, created=b.created, owned_by=b.owned_by) for b in bases]
     rows = usable_checkpoints(session, principal)
     data += [Model(id=c.model_name, created=c.created_at, owned_by=c.organization_id) for c in rows]
     return ModelList(data=data)
 
 
 def retrieve_model(state: AppState, session: Session, *, principal: Principal, model: str) -> Model:
-    if is_base_model(state.settings, model):
-        return Model(id=model, created=BASE_CREATED, owned_by="tunehouse")
+    if is_base_model(state.settings, model, session=session, organization_id=principal.organization_id):
+        base = resolve_base_model(
+            state.settings, model, session=session, organization_id=principal.organization_id
+        )
+        return Model(id=model, created=base.created, owned_by=base.owned_by)
     row = usable_checkpoint(session, principal, model)
     if row is None:
         raise ModelNotFound(model)
@@ -36,7 +40,7 @@ def retrieve_model(state: AppState, session: Session, *, principal: Principal, m
 def delete_model(state: AppState, session: Session, *, principal: Principal, model: str) -> ModelDeleted:
     row = own_checkpoint(session, principal, model)
     if row is None:
-        if is_base_model(state.settings, model):
+        if is_base_model(state.settings, model, session=session, organization_id=principal.organization_id):
             raise PermissionDenied(
                 f"Base model `{model}` cannot be deleted; only fine-tuned models can.",
                 param="model",
@@ -61,10 +65,12 @@ def delete_model(state: AppState, session: Session, *, principal: Principal, mod
 
 def resolve_for_inference(state: AppState, session: Session, *, principal: Principal, model: str) -> ModelRef:
     """A model name as a client sends it → the base folder and, for ft: names, the adapter folder."""
-    if is_base_model(state.settings, model):
-        return ModelRef(name=model, base_path=resolve_base_model(state.settings, model).path)
+    org = principal.organization_id
+    if is_base_model(state.settings, model, session=session, organization_id=org):
+        base = resolve_base_model(state.settings, model, session=session, organization_id=org)
+        return ModelRef(name=model, base_path=base.path)
     row = usable_checkpoint(session, principal, model)
     if row is None:
         raise ModelNotFound(model)
-    base = resolve_base_model(state.settings, row.base_model)
+    base = resolve_base_model(state.settings, row.base_model, session=session)
     return ModelRef(name=model, base_path=base.path, adapter_path=state.weights.path(row.path))
