@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from tunehouse import __version__, ids
+from tunehouse.api.aliases.router import router as aliases_router
 from tunehouse.api.base_models.router import router as base_models_router
 from tunehouse.api.batches.router import router as batches_router
 from tunehouse.api.chat.router import router as chat_router
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
         chat_router,
         completions_router,
         usage_router,
+        aliases_router,
         base_models_router,
         organization_router,
         permissions_router,

@@ -10,9 +10,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tunehouse.cli.aliases import aliases_app
 from tunehouse.cli.data import data_app
 from tunehouse.cli.evals import eval_cmd
 from tunehouse.cli.export import export_cmd
+from tunehouse.cli.migrate import migrate_app
 from tunehouse.cli.models import models_app
 from tunehouse.cli.tenancy import audit_cmd, keys_app, orgs_app, projects_app
 from tunehouse.cli.usage import quotas_app, usage_cmd, webhooks_app
@@ -27,6 +29,8 @@ app.command("audit")(audit_cmd)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.command("export")(export_cmd)
+app.add_typer(aliases_app, name="aliases")
+app.add_typer(migrate_app, name="migrate")
 app.command("eval")(eval_cmd)
 app.add_typer(quotas_app, name="quotas")
 app.add_typer(webhooks_app, name="webhooks")

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tunehouse import ids
+from tunehouse.api.aliases.service import resolve_grader_models, resolve_model_name
 from tunehouse.api.files.service import get_file_row
 from tunehouse.api.fine_tuning.protocol import (
     METHOD_HYPERPARAMETERS,
@@ -244,6 +245,30 @@ def _reinforcement_grader(
     return {"grader": grader.spec}
 
 
+def _resolve_aliases(
+    settings: Settings, session: Session, principal: Principal, req: CreateFineTuningJobRequest
+) -> CreateFineTuningJobRequest:
+    """The request with model aliases (api/aliases) replaced by their models: the job starts from,
+    records and grades with the models themselves, as OpenAI's job names the snapshot an alias like
+    `gpt-4o-mini` meant."""
+    model = resolve_model_name(settings, session, principal=principal, model=req.model)
+    update: dict = {"model": model}
+    if req.evaluation is not None and req.evaluation.grader is not None:
+        grader = resolve_grader_models(
+            settings, session, principal=principal, spec=req.evaluation.grader, param="evaluation.grader"
+        )
+        update["evaluation"] = req.evaluation.model_copy(update={"grader": grader})
+    if req.method is not None and req.method.reinforcement is not None:
+        rl = req.method.reinforcement
+        grader = resolve_grader_models(
+            settings, session, principal=principal, spec=rl.grader, param="method.reinforcement.grader"
+        )
+        update["method"] = req.method.model_copy(
+            update={"reinforcement": rl.model_copy(update={"grader": grader})}
+        )
+    return req.model_copy(update=update)
+
+
 def create_job(
     settings: Settings,
     session: Session,
@@ -251,7 +276,10 @@ def create_job(
     files_store: Blobs,
     principal: Principal,
     req: CreateFineTuningJobRequest,
+    job_id: str | None = None,
 ) -> FineTuningJob:
+    """`job_id`: an id chosen by the caller (`tunehouse migrate` records it in the same commit)."""
+    req = _resolve_aliases(settings, session, principal, req)
     method_type, requested, where = _resolve_hyperparameters(req)
     base_model, options = _resolve_start(settings, session, principal, req.model)
     # DPO from an ft: model starts from it and uses it as the reference (training/recipes/dpo.py).
@@ -282,7 +310,7 @@ def create_job(
     )
 
     job = Job(
-        id=ids.job_id(),
+        id=job_id or ids.job_id(),
         organization_id=principal.organization_id,
         project_id=principal.owning_project_id,
         model=req.model,
