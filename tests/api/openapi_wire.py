@@ -61,9 +61,18 @@ ROUTES = [
     ("post", "/uploads/{upload_id}/cancel"),
     ("post", "/uploads/{upload_id}/complete"),
     ("post", "/uploads/{upload_id}/parts"),
+    ("post", "/responses"),
+    ("get", "/responses/{response_id}"),
+    ("post", "/responses/{response_id}/cancel"),
+    ("get", "/responses/{response_id}/input_items"),
 ]
-REQUESTS = ["CreateChatCompletionRequest", "CreateCompletionRequest", "CreateFineTuningJobRequest"]
-EXTRA = ["CreateChatCompletionStreamResponse"]
+REQUESTS = [
+    "CreateChatCompletionRequest",
+    "CreateCompletionRequest",
+    "CreateFineTuningJobRequest",
+    "CreateResponse",
+]
+EXTRA = ["CreateChatCompletionStreamResponse", "ResponseStreamEvent"]
 
 # Where OpenAI's API itself answers what its spec does not allow, the spec is relaxed:
 # - list `first_id`/`last_id`: null for an empty list (there is no first or last object).
@@ -75,6 +84,7 @@ RELAXED_NULLABLE: dict[str, list[str]] = {
     "ListFilesResponse": ["first_id", "last_id"],
     "ChatCompletionList": ["first_id", "last_id"],
     "ChatCompletionMessageList": ["first_id", "last_id"],
+    "ResponseItemList": ["first_id", "last_id"],
     "FineTuningJob": ["hyperparameters"],
 }
 # - FineTuningJob `status` "paused": OpenAI's pause endpoint answers it (REFERENCE.md), the spec's

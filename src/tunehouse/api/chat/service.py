@@ -197,15 +197,23 @@ def check_supported(req: ChatCompletionRequest) -> tool_calls.ToolSpec | None:
     return spec
 
 
-def sampling_params(req: ChatCompletionRequest, spec: tool_calls.ToolSpec | None) -> SamplingParams:
+def constraint(spec: tool_calls.ToolSpec | None, response_format: dict | None) -> dict:
+    """The decoding constraint of a request (SamplingParams' `response_format` and `grammar`): a
+    forced tool call's grammar (`tool_choice` required or named), else the response format."""
     forced = spec is not None and spec.choice in ("required", "named")
+    return {
+        "response_format": None if forced else response_format,
+        "grammar": tool_calls.grammar(spec) if forced else None,
+    }
+
+
+def sampling_params(req: ChatCompletionRequest, spec: tool_calls.ToolSpec | None) -> SamplingParams:
     return SamplingParams(
         **serving.common_sampling(req),
         max_tokens=req.max_completion_tokens or req.max_tokens,
         logprobs=bool(req.logprobs),
         top_logprobs=req.top_logprobs or 0,
-        response_format=None if forced else req.response_format,
-        grammar=tool_calls.grammar(spec) if forced else None,
+        **constraint(spec, req.response_format),
     )
 
 
@@ -229,22 +237,36 @@ def wire_logprobs(entries: list[TokenLogprob] | None) -> list[WireTokenLogprob]:
 # Chat
 
 
-async def _prompt(engine, model: ModelRef, req: ChatCompletionRequest, spec) -> list[int]:
+async def start_chat(
+    state,
+    principal,
+    engine,
+    model: ModelRef,
+    messages: list[dict],
+    params: SamplingParams,
+    spec: tool_calls.ToolSpec | None,
+    *,
+    meter_as: str,
+    prompt_param: str = "messages",
+) -> serving.Generation:
+    """The generation call of a conversation, shared by chat completions and /v1/responses (which
+    translates its input items into these messages): the messages through the model's chat
+    template, with the tools in the prompt when the spec wants them, then queued on the engine."""
     tools = spec.tools if spec is not None and spec.in_prompt else None
     try:
-        return await run_in_threadpool(engine.encode_chat, model, _messages(req), tools=tools)
+        prompt = await run_in_threadpool(engine.encode_chat, model, messages, tools=tools)
     except REQUEST_ERRORS as e:
-        raise engine_error(e, model) from None
+        raise engine_error(e, model, prompt_param=prompt_param) from None
+    return await serving.Generation.start(
+        state, principal, engine, model, [prompt], params, meter_as=meter_as, prompt_param=prompt_param
+    )
 
 
 async def _start(
     state, principal, engine, model: ModelRef, req: ChatCompletionRequest, spec
 ) -> tuple[SamplingParams, serving.Generation]:
     params = sampling_params(req, spec)
-    prompt = await _prompt(engine, model, req, spec)
-    gen = await serving.Generation.start(
-        state, principal, engine, model, [prompt], params, meter_as=req.model, prompt_param="messages"
-    )
+    gen = await start_chat(state, principal, engine, model, _messages(req), params, spec, meter_as=req.model)
     return params, gen
 
 

@@ -1,0 +1,958 @@
+"""The Responses API: a /v1/responses request → the same generation call as chat completions
+(`api/chat/service.start_chat`) → OpenAI's Response object, its stream of events, or a background
+run that `retrieve` polls.
+
+- `check_request` validates what pydantic cannot (each refused field is a 400 naming it) and turns
+  the request into a `Plan`: tools and `tool_choice` in chat's form (`inference/tools.py`), `text.format`
+  as chat's `response_format` (constrained decoding), the input as items with ids.
+- The conversation is the previous response's (its input items and output, `previous_response_id`)
+  followed by this request's input; `to_messages` turns it into chat messages (function calls as
+  assistant `tool_calls`, their outputs as `tool` messages), `instructions` first as a system message.
+- `OutputBuilder` turns the engine's deltas into output items (a message with an `output_text`
+  part; `function_call` items parsed from the model's tool-call blocks) and, for a stream, into
+  OpenAI's events in order. A non-streamed response is built by the same code, so both agree.
+- Stored responses (`store`, default true) are `api/responses/store.py`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from tunehouse import ids
+from tunehouse.api import serving
+from tunehouse.api.chat import service as chat
+from tunehouse.api.chat.service import check_metadata
+from tunehouse.api.responses import store
+from tunehouse.api.responses.protocol import CreateResponseRequest, response_object, usage_object
+from tunehouse.errors import APIError, InvalidRequest
+from tunehouse.inference import tools as tool_calls
+from tunehouse.inference.constrained import InvalidResponseFormat, validate_response_format
+from tunehouse.inference.engine import Delta, ModelRef, SamplingParams, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+LOGPROBS = "message.output_text.logprobs"
+
+
+def _unsupported(param: str, what: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Unsupported parameter: '{param}' {what}", param=param, code="unsupported_parameter"
+    )
+
+
+def _invalid(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def _unknown(param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Unrecognized request argument supplied: '{param}'.", param=param, code="unknown_parameter"
+    )
+
+
+@dataclass
+class Plan:
+    """A checked request, in the terms of the chat generation call."""
+
+    spec: tool_calls.ToolSpec | None  # function calling, in chat's form
+    tools: list[dict]  # echoed on the Response (FunctionTool form, defaults filled in)
+    tool_choice: str | dict  # echoed
+    text: dict  # echoed: {"format": ..., "verbosity": ...}
+    response_format: dict | None  # chat's form of text.format
+    logprobs: bool
+    max_calls: int | None  # function calls kept at most (parallel_tool_calls, max_tool_calls)
+    input_items: list[dict] = field(default_factory=list)  # this request's input, with ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking the request
+
+
+def check_refused(req: CreateResponseRequest) -> None:
+    """The spec's fields this server cannot honour: each is a 400 naming it, never ignored."""
+    if req.prompt is not None:
+        raise _unsupported("prompt", "(stored prompt templates) is not supported by this server.")
+    if req.reasoning is not None:
+        raise _unsupported(
+            "reasoning", "is not supported with this model: the models served here do not reason."
+        )
+    if req.moderation is not None:
+        raise _unsupported("moderation", "is not supported by this server: it runs no moderation model.")
+    if req.conversation is not None:
+        raise _unsupported(
+            "conversation",
+            "is not supported by this server (it has no Conversations API): use 'previous_response_id'.",
+        )
+    if req.context_management is not None:
+        raise _unsupported("context_management", "(compaction) is not supported by this server.")
+    if req.background and req.stream:
+        raise _unsupported(
+            "stream",
+            "together with 'background' is not supported by this server: create the background "
+            "response without streaming and poll it with retrieve.",
+        )
+    if req.background and req.store is False:
+        raise _invalid(
+            "store", "Invalid value for 'store': background responses must be stored (store: true)."
+        )
+    if req.prompt_cache_retention == "24h":
+        raise _unsupported(
+            "prompt_cache_retention",
+            "'24h' is not supported by this server: its prompt cache is in memory only ('in_memory').",
+        )
+    opts = req.prompt_cache_options or {}
+    for key in opts:
+        if key not in ("ttl", "mode"):
+            raise _unknown(f"prompt_cache_options.{key}")
+    if opts.get("ttl") not in (None, "30m"):
+        raise _invalid(
+            "prompt_cache_options.ttl",
+            f"Invalid value for 'prompt_cache_options.ttl': {opts['ttl']!r}. Supported values are: '30m'.",
+        )
+    if opts.get("mode") not in (None, "implicit"):
+        raise _unsupported(
+            "prompt_cache_options.mode",
+            f"{opts['mode']!r} is not supported by this server: its prompt cache is implicit only.",
+        )
+    for key in req.stream_options or {}:
+        if key != "include_obfuscation":
+            raise _unknown(f"stream_options.{key}")
+    if req.stream_options is not None and not req.stream:
+        raise _invalid(
+            "stream_options", "Invalid value for 'stream_options': it is only allowed with 'stream: true'."
+        )
+    for i, value in enumerate(req.include or []):
+        if value != LOGPROBS:
+            raise _unsupported(
+                f"include[{i}]",
+                f"{value!r} is not supported by this server: the only value it can include is '{LOGPROBS}'.",
+            )
+    if req.top_logprobs and LOGPROBS not in (req.include or []):
+        raise _invalid(
+            "top_logprobs",
+            f"Invalid value for 'top_logprobs': include '{LOGPROBS}' in 'include' to use 'top_logprobs'.",
+        )
+
+
+def _text(req: CreateResponseRequest) -> tuple[dict, dict | None]:
+    """`text` echoed with defaults, and its format as chat's `response_format` (constrained decoding)."""
+    text = req.text or {}
+    for key in text:
+        if key not in ("format", "verbosity"):
+            raise _unknown(f"text.{key}")
+    if text.get("verbosity") not in (None, "medium"):
+        raise _unsupported(
+            "text.verbosity", "other than 'medium' (the default) is not supported by this server."
+        )
+    fmt = text.get("format") or {"type": "text"}
+    if not isinstance(fmt, dict):
+        raise _invalid("text.format", "Invalid 'text.format': expected an object.")
+    kind = fmt.get("type")
+    allowed = {
+        "text": {"type"},
+        "json_object": {"type"},
+        "json_schema": {"type", "name", "schema", "strict", "description"},
+    }
+    if kind not in allowed:
+        raise _invalid(
+            "text.format.type",
+            f"Invalid value for 'text.format.type': {kind!r}. Supported values are: 'text', 'json_object', and 'json_schema'.",
+        )
+    for key in fmt:
+        if key not in allowed[kind]:
+            raise _unknown(f"text.format.{key}")
+    if kind == "json_schema":
+        if "name" not in fmt:
+            raise InvalidRequest(
+                "Missing required parameter: 'text.format.name'.",
+                param="text.format.name",
+                code="missing_required_parameter",
+            )
+        if "schema" not in fmt:
+            raise InvalidRequest(
+                "Missing required parameter: 'text.format.schema'.",
+                param="text.format.schema",
+                code="missing_required_parameter",
+            )
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {k: v for k, v in fmt.items() if k != "type"},
+        }
+    else:
+        response_format = {"type": kind}
+    try:
+        validate_response_format(response_format)
+    except InvalidResponseFormat as e:
+        message = (
+            str(e)
+            .replace("response_format.json_schema", "text.format")
+            .replace("response_format", "text.format")
+        )
+        raise _invalid("text.format", message) from None
+    echo = {"format": fmt, "verbosity": "medium"}
+    return echo, None if kind == "text" else response_format
+
+
+def _tools(req: CreateResponseRequest) -> tuple[tool_calls.ToolSpec | None, list[dict], str | dict]:
+    """Responses' flat function tools → chat's, validated by the same code; hosted tools refused."""
+    chat_tools, echo = [], []
+    for i, tool in enumerate(req.tools or []):
+        if not isinstance(tool, dict):
+            raise _invalid(f"tools[{i}]", f"Invalid 'tools[{i}]': expected an object.")
+        kind = tool.get("type")
+        if kind != "function":
+            raise _unsupported(
+                f"tools[{i}].type",
+                f"{kind!r} is not supported by this server: only 'function' tools (your code runs "
+                "them); it hosts no web search, file search, computer, code interpreter or MCP tools.",
+            )
+        for key in tool:
+            if key not in ("type", "name", "description", "parameters", "strict"):
+                raise _unknown(f"tools[{i}].{key}")
+        strict = tool.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _invalid(f"tools[{i}].strict", f"Invalid 'tools[{i}].strict': expected a boolean.")
+        strict = True if strict is None else strict  # the Responses API's default
+        fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+        chat_tools.append({"type": "function", "function": {**fn, "strict": strict}})
+        echo.append(
+            {
+                "type": "function",
+                "name": tool.get("name"),
+                "description": tool.get("description"),
+                "parameters": tool.get("parameters"),
+                "strict": strict,
+            }
+        )
+    choice = req.tool_choice
+    chat_choice: str | dict | None = choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function":
+            raise _unsupported(
+                "tool_choice",
+                f"of type {choice.get('type')!r} is not supported by this server: use 'none', 'auto', "
+                "'required' or {'type': 'function', 'name': ...}.",
+            )
+        if set(choice) != {"type", "name"} or not isinstance(choice.get("name"), str):
+            raise _invalid(
+                "tool_choice", "Invalid 'tool_choice': expected {'type': 'function', 'name': ...}."
+            )
+        chat_choice = {"type": "function", "function": {"name": choice["name"]}}
+    try:
+        spec = tool_calls.validate(chat_tools or None, chat_choice, req.parallel_tool_calls)
+    except tool_calls.InvalidTools as e:
+        param = e.param.replace(".function.", ".")
+        raise _invalid(param, str(e).replace(".function.", ".")) from None
+    return spec, echo, choice if choice is not None else "auto"
+
+
+def check_request(req: CreateResponseRequest) -> Plan:
+    check_refused(req)
+    check_metadata(req.metadata)
+    text, response_format = _text(req)
+    spec, tools, tool_choice = _tools(req)
+    if req.input is None and req.previous_response_id is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
+        )
+    limits = [
+        n for n in (req.max_tool_calls, None if req.parallel_tool_calls is not False else 1) if n is not None
+    ]
+    if req.user or req.safety_identifier or req.prompt_cache_key:
+        # Accepted as OpenAI does; as for chat completions they go to the server's log only.
+        log.info(
+            "response for model %s: user=%r safety_identifier=%r prompt_cache_key=%r",
+            req.model,
+            req.user,
+            req.safety_identifier,
+            req.prompt_cache_key,
+        )
+    return Plan(
+        spec=spec,
+        tools=tools,
+        tool_choice=tool_choice,
+        text=text,
+        response_format=response_format,
+        logprobs=LOGPROBS in (req.include or []),
+        max_calls=min(limits) if limits else None,
+        input_items=input_items(req.input),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Input items
+
+
+def _text_parts(content: Any, param: str, allowed: tuple[str, ...]) -> list[dict]:
+    """A message's content (a string or a list of text parts) as the list of parts input_items
+    shows. Images, files and audio are refused: the models served here read text only."""
+    if isinstance(content, str):
+        return [{"type": allowed[0], "text": content}]
+    if not isinstance(content, list):
+        raise _invalid(param, f"Invalid '{param}': expected a string or a list of content parts.")
+    parts = []
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        if not isinstance(part, dict):
+            raise _invalid(where, f"Invalid '{where}': expected an object.")
+        kind = part.get("type")
+        if kind not in allowed:
+            if kind in ("input_image", "input_file", "input_audio"):
+                raise _unsupported(
+                    f"{where}.type", f"{kind!r} is not supported by this server: its models read text only."
+                )
+            raise _invalid(
+                f"{where}.type",
+                f"Invalid value for '{where}.type': {kind!r}. Supported values are: "
+                + ", ".join(f"'{a}'" for a in allowed)
+                + ".",
+            )
+        for key in part:
+            if key not in ("type", "text", "annotations", "logprobs"):
+                raise _unknown(f"{where}.{key}")
+        if not isinstance(part.get("text"), str):
+            raise _invalid(f"{where}.text", f"Invalid '{where}.text': expected a string.")
+        parts.append({"type": kind, "text": part["text"]})
+    return parts
+
+
+def _message_item(item: dict, param: str) -> dict:
+    role = item.get("role")
+    for key in item:
+        if key not in ("type", "role", "content", "id", "status"):
+            raise _unknown(f"{param}.{key}")
+    if role in ("user", "system", "developer"):
+        parts = _text_parts(item.get("content"), f"{param}.content", ("input_text",))
+        return {
+            "id": ids.response_item_id("msg"),
+            "type": "message",
+            "role": role,
+            "content": parts,
+            "status": "completed",
+        }
+    if role == "assistant":
+        parts = _text_parts(item.get("content"), f"{param}.content", ("output_text", "input_text"))
+        return {
+            "id": item.get("id") or ids.response_item_id("msg"),
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [
+                {"type": "output_text", "text": p["text"], "annotations": [], "logprobs": []} for p in parts
+            ],
+        }
+    raise _invalid(
+        f"{param}.role",
+        f"Invalid value for '{param}.role': {role!r}. Supported values are: 'user', 'assistant', 'system', and 'developer'.",
+    )
+
+
+def _string(item: dict, key: str, param: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        if value is None:
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}.{key}'.",
+                param=f"{param}.{key}",
+                code="missing_required_parameter",
+            )
+        raise _invalid(f"{param}.{key}", f"Invalid '{param}.{key}': expected a string.")
+    return value
+
+
+def input_items(value: str | list | None) -> list[dict]:
+    """The request's `input` as items with ids: messages, function calls and their outputs."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [
+            {
+                "id": ids.response_item_id("msg"),
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": value}],
+                "status": "completed",
+            }
+        ]
+    out = []
+    for i, item in enumerate(value):
+        param = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise _invalid(param, f"Invalid '{param}': expected an object.")
+        kind = item.get("type", "message")
+        if kind == "message":
+            out.append(_message_item(item, param))
+        elif kind == "function_call":
+            for key in item:
+                if key not in ("type", "id", "call_id", "name", "arguments", "status"):
+                    raise _unknown(f"{param}.{key}")
+            out.append(
+                {
+                    "id": item.get("id") or ids.response_item_id("fc"),
+                    "type": "function_call",
+                    "call_id": _string(item, "call_id", param),
+                    "name": _string(item, "name", param),
+                    "arguments": _string(item, "arguments", param),
+                    "status": "completed",
+                }
+            )
+        elif kind == "function_call_output":
+            for key in item:
+                if key not in ("type", "id", "call_id", "output", "status"):
+                    raise _unknown(f"{param}.{key}")
+            output = item.get("output")
+            if not isinstance(output, str):
+                output = "".join(p["text"] for p in _text_parts(output, f"{param}.output", ("input_text",)))
+            out.append(
+                {
+                    "id": item.get("id") or ids.response_item_id("fco"),
+                    "type": "function_call_output",
+                    "call_id": _string(item, "call_id", param),
+                    "output": output,
+                    "status": "completed",
+                }
+            )
+        else:
+            raise _unsupported(
+                f"{param}.type",
+                f"{kind!r} is not supported by this server: input items are messages, 'function_call' "
+                "and 'function_call_output' (use 'previous_response_id' to continue from a stored response).",
+            )
+    return out
+
+
+def to_messages(instructions: str | None, items: list[dict]) -> list[dict]:
+    """The conversation as chat messages: function calls join the assistant turn they belong to as
+    `tool_calls`; their outputs become `tool` messages. A function output must answer a call made
+    earlier in the conversation (a 400 naming it, as OpenAI)."""
+    messages: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
+    calls: set[str] = set()
+    for item in items:
+        kind = item["type"]
+        if kind == "message":
+            text = "".join(p.get("text", "") for p in item["content"])
+            messages.append({"role": item["role"], "content": text})
+        elif kind == "function_call":
+            calls.add(item["call_id"])
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if item["call_id"] not in calls:
+                raise _invalid(
+                    "input",
+                    f"No tool call found for function call output with call_id {item['call_id']}.",
+                )
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+    return messages
+
+
+# --------------------------------------------------------------------------------------------------
+# Output items and stream events
+
+
+def _logprobs(entries: list[TokenLogprob] | None) -> list[dict]:
+    return [
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": e.bytes,
+            "top_logprobs": [
+                {"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in e.top_logprobs
+            ],
+        }
+        for e in entries or []
+    ]
+
+
+class OutputBuilder:
+    """Engine deltas → output items, and the stream events that build them (without sequence
+    numbers). Text goes into a message item's `output_text` part; each tool-call block the model
+    writes becomes a `function_call` item. Whitespace between items opens no message."""
+
+    def __init__(self, spec: tool_calls.ToolSpec | None, *, max_calls: int | None, logprobs: bool):
+        self.parser = tool_calls.ToolCallParser(spec.names) if spec is not None and spec.parse else None
+        self.max_calls = max_calls
+        self.logprobs = logprobs
+        self.items: list[dict] = []
+        self.open: dict | None = None  # the item being written
+        self.pending = ""  # whitespace not yet given to a message
+        self.pending_logprobs: list[dict] = []
+        self.call_items: dict[int, dict] = {}  # parser's call index → its item
+        self.finish_reason: str | None = None
+
+    # -- items
+    def _close(self, status: str) -> list[dict]:
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        index = self.items.index(item)
+        item["status"] = status
+        if item["type"] == "message":
+            part = item["content"][0]
+            return [
+                {
+                    "type": "response.output_text.done",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "content_index": 0,
+                    "text": part["text"],
+                    "logprobs": part["logprobs"],
+                },
+                {
+                    "type": "response.content_part.done",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "content_index": 0,
+                    "part": dict(part),
+                },
+                {"type": "response.output_item.done", "output_index": index, "item": _copy(item)},
+            ]
+        call = self.parser.calls[item.pop("_k")] if self.parser is not None else None
+        if call is not None and call["arguments"]:
+            item["arguments"] = call["arguments"]
+        return [
+            {
+                "type": "response.function_call_arguments.done",
+                "item_id": item["id"],
+                "output_index": index,
+                "name": item["name"],
+                "arguments": item["arguments"],
+            },
+            {"type": "response.output_item.done", "output_index": index, "item": _copy(item)},
+        ]
+
+    def _text(self, text: str, logprobs: list[dict]) -> list[dict]:
+        events: list[dict] = []
+        if not text and not logprobs:
+            return events
+        if self.open is None or self.open["type"] != "message":
+            if not text.strip():
+                self.pending += text
+                self.pending_logprobs += logprobs
+                return events
+            events += self._close("completed")
+            item = {
+                "id": ids.response_item_id("msg"),
+                "type": "message",
+                "status": "in_progress",
+                "content": [],
+                "role": "assistant",
+            }
+            self.items.append(item)
+            self.open = item
+            index = len(self.items) - 1
+            events.append({"type": "response.output_item.added", "output_index": index, "item": _copy(item)})
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            events.append(
+                {
+                    "type": "response.content_part.added",
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "content_index": 0,
+                    "part": dict(part),
+                }
+            )
+            item["content"].append(part)
+            text, logprobs = self.pending + text, self.pending_logprobs + logprobs
+            self.pending, self.pending_logprobs = "", []
+        item = self.open
+        part = item["content"][0]
+        part["text"] += text
+        part["logprobs"] += logprobs
+        events.append(
+            {
+                "type": "response.output_text.delta",
+                "item_id": item["id"],
+                "output_index": self.items.index(item),
+                "content_index": 0,
+                "delta": text,
+                "logprobs": logprobs,
+            }
+        )
+        return events
+
+    def _call(self, piece: tool_calls.ToolCallDelta) -> list[dict]:
+        events: list[dict] = []
+        if piece.id is not None:  # a new call
+            if self.max_calls is not None and len(self.call_items) >= self.max_calls:
+                return events  # beyond `max_tool_calls` / `parallel_tool_calls: false`: not made
+            events += self._close("completed")
+            self.pending, self.pending_logprobs = "", []
+            item = {
+                "id": ids.response_item_id("fc"),
+                "type": "function_call",
+                "status": "in_progress",
+                "arguments": "",
+                "call_id": piece.id,
+                "name": piece.name,
+            }
+            self.items.append(item)
+            self.call_items[piece.index] = item
+            self.open = item
+            events.append(
+                {
+                    "type": "response.output_item.added",
+                    "output_index": len(self.items) - 1,
+                    "item": _copy(item),
+                }
+            )
+            item["_k"] = piece.index
+        item = self.call_items.get(piece.index)
+        if item is None or item is not self.open or not piece.arguments:
+            return events
+        item["arguments"] += piece.arguments
+        events.append(
+            {
+                "type": "response.function_call_arguments.delta",
+                "item_id": item["id"],
+                "output_index": self.items.index(item),
+                "delta": piece.arguments,
+            }
+        )
+        return events
+
+    def feed(self, delta: Delta) -> list[dict]:
+        final = delta.finish_reason is not None
+        logprobs = _logprobs(delta.logprobs) if self.logprobs else []
+        if self.parser is None:
+            events = self._text(delta.text, logprobs)
+        else:
+            text, pieces = self.parser.feed(delta.text, final=final)
+            events = self._text(text, logprobs)
+            for piece in pieces:
+                events += self._call(piece)
+        if final:
+            self.finish_reason = delta.finish_reason
+        return events
+
+    def finish(self) -> list[dict]:
+        """Close what is open; an answer with no item at all is an (empty) message."""
+        events: list[dict] = []
+        if not self.items:
+            events += self._text_forced()
+        events += self._close(self.item_status)
+        return events
+
+    def _text_forced(self) -> list[dict]:
+        text, self.pending = self.pending, ""
+        logprobs, self.pending_logprobs = self.pending_logprobs, []
+        item = {
+            "id": ids.response_item_id("msg"),
+            "type": "message",
+            "status": "in_progress",
+            "content": [],
+            "role": "assistant",
+        }
+        self.items.append(item)
+        self.open = item
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        events = [
+            {"type": "response.output_item.added", "output_index": 0, "item": _copy(item)},
+            {
+                "type": "response.content_part.added",
+                "item_id": item["id"],
+                "output_index": 0,
+                "content_index": 0,
+                "part": dict(part),
+            },
+        ]
+        item["content"].append(part)
+        part["text"], part["logprobs"] = text, logprobs
+        if text:
+            events.append(
+                {
+                    "type": "response.output_text.delta",
+                    "item_id": item["id"],
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": text,
+                    "logprobs": logprobs,
+                }
+            )
+        return events
+
+    @property
+    def incomplete(self) -> bool:
+        return self.finish_reason == "length"
+
+    @property
+    def item_status(self) -> str:
+        return "incomplete" if self.incomplete else "completed"
+
+    def output(self) -> list[dict]:
+        return [_copy(item) for item in self.items]
+
+
+def _copy(item: dict) -> dict:
+    out = {k: v for k, v in item.items() if not k.startswith("_")}
+    if "content" in out:
+        out["content"] = [dict(p, logprobs=list(p.get("logprobs", []))) for p in out["content"]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a response
+
+
+@dataclass
+class Run:
+    """One response being made: its request, plan, conversation, and the Response object's parts."""
+
+    state: Any
+    principal: Any
+    engine: Any
+    model: ModelRef
+    req: CreateResponseRequest
+    plan: Plan
+    context: list[dict]  # conversation items before this request's input
+    id: str = field(default_factory=ids.response_id)
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def items(self) -> list[dict]:
+        return self.context + self.plan.input_items
+
+    def response(self, status: str, **kw) -> dict:
+        return response_object(
+            id=self.id,
+            created_at=self.created_at,
+            status=status,
+            model=self.model.name,
+            req=self.req,
+            tools=self.plan.tools,
+            tool_choice=self.plan.tool_choice,
+            text=self.plan.text,
+            **kw,
+        )
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.req.max_output_tokens,
+            temperature=1.0 if self.req.temperature is None else self.req.temperature,
+            top_p=1.0 if self.req.top_p is None else self.req.top_p,
+            logprobs=self.plan.logprobs,
+            top_logprobs=self.req.top_logprobs or 0,
+            **chat.constraint(self.plan.spec, self.plan.response_format),
+        )
+
+    async def start(self) -> serving.Generation:
+        """Queue the generation (a 400 before any byte is sent when it cannot run). With
+        `truncation: auto`, a conversation too long for the context loses its oldest items until
+        it fits (instructions stay), as OpenAI truncates."""
+        items = self.items
+        while True:
+            messages = to_messages(self.req.instructions, items)
+            try:
+                return await chat.start_chat(
+                    self.state,
+                    self.principal,
+                    self.engine,
+                    self.model,
+                    messages,
+                    self.params(),
+                    self.plan.spec,
+                    meter_as=self.req.model,
+                    prompt_param="input",
+                )
+            except InvalidRequest as e:
+                if e.code != "context_length_exceeded" or self.req.truncation != "auto" or len(items) <= 1:
+                    raise
+                items = items[1:]
+                while items and items[0]["type"] == "function_call_output":
+                    items = items[1:]  # an output without its call would be refused
+                if not items:
+                    raise
+
+    def finished(self, builder: OutputBuilder, usage) -> dict:
+        status = "incomplete" if builder.incomplete else "completed"
+        return self.response(
+            status,
+            output=builder.output(),
+            usage=usage_object(usage.prompt_tokens, usage.completion_tokens),
+            incomplete_details={"reason": "max_output_tokens"} if builder.incomplete else None,
+            completed_at=int(time.time()) if status == "completed" else None,
+        )
+
+    def builder(self) -> OutputBuilder:
+        return OutputBuilder(self.plan.spec, max_calls=self.plan.max_calls, logprobs=self.plan.logprobs)
+
+    def save(self, response: dict) -> None:
+        with self.state.db.transaction() as s:
+            store.save(s, principal=self.principal, response=response, input_items=self.items)
+
+
+async def prepare(state, session, principal, engine, model: ModelRef, req: CreateResponseRequest) -> Run:
+    plan = check_request(req)
+    context = []
+    if req.previous_response_id is not None:
+        context = await run_in_threadpool(
+            store.conversation, session, principal=principal, response_id=req.previous_response_id
+        )
+    run = Run(
+        state=state, principal=principal, engine=engine, model=model, req=req, plan=plan, context=context
+    )
+    to_messages(req.instructions, run.items)  # function outputs must answer calls: a 400 before anything runs
+    return run
+
+
+async def complete(run: Run) -> dict:
+    gen = await run.start()
+    builder = run.builder()
+    usage = await serving.collect(gen, lambda _, item: builder.feed(item))
+    builder.finish()
+    response = run.finished(builder, usage)
+    if run.req.store is not False:
+        await run_in_threadpool(run.save, response)
+    return response
+
+
+def _sse(event: dict) -> str:
+    import json
+
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+async def open_stream(run: Run) -> AsyncIterator[str]:
+    """Queues the generation before the first byte (errors get a proper status), then yields
+    OpenAI's events: response.created, response.in_progress, the output items' events,
+    response.completed (or response.incomplete), each with its sequence_number. The response is
+    stored (unless `store: false`) before response.completed is sent."""
+    gen = await run.start()
+    return _events(run, gen)
+
+
+async def _events(run: Run, gen: serving.Generation) -> AsyncIterator[str]:
+    seq = 0
+
+    def number(event: dict) -> str:
+        nonlocal seq
+        out = {
+            "type": event["type"],
+            "sequence_number": seq,
+            **{k: v for k, v in event.items() if k != "type"},
+        }
+        seq += 1
+        return _sse(out)
+
+    builder = run.builder()
+    try:
+        yield number({"type": "response.created", "response": run.response("in_progress")})
+        yield number({"type": "response.in_progress", "response": run.response("in_progress")})
+        async for _, item in gen.events():
+            if isinstance(item, Delta):
+                for event in builder.feed(item):
+                    yield number(event)
+        await gen.meter()
+        for event in builder.finish():
+            yield number(event)
+        response = run.finished(builder, gen.usage)
+        if run.req.store is not False:
+            await run_in_threadpool(run.save, response)
+        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        yield number({"type": kind, "response": response})
+    except Exception as e:
+        if isinstance(e, APIError):
+            message, code = e.message, "server_error"
+        else:
+            log.exception("response %s failed mid-stream", run.id)
+            message, code = "The server had an error while generating.", "server_error"
+        failed = run.response("failed", output=builder.output(), error={"code": code, "message": message})
+        yield number({"type": "response.failed", "response": failed})
+    finally:
+        gen.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Background responses: run in this server's event loop, their row updated when they end
+
+
+async def start_background(run: Run, registry: dict[str, asyncio.Task]) -> dict:
+    """Queue the generation (a 400 here when it cannot run), store the response as in progress,
+    and finish it in a task; `retrieve` reads the stored row, `cancel` cancels the task."""
+    gen = await run.start()
+    response = run.response("in_progress")
+    try:
+        await run_in_threadpool(run.save, response)
+    except BaseException:
+        gen.close()
+        raise
+    task = asyncio.create_task(_background(run, gen))
+    registry[run.id] = task
+    task.add_done_callback(lambda _: registry.pop(run.id, None))
+    return response
+
+
+async def _background(run: Run, gen: serving.Generation) -> None:
+    builder = run.builder()
+    try:
+        usage = await serving.collect(gen, lambda _, item: builder.feed(item))
+        builder.finish()
+        response = run.finished(builder, usage)
+    except asyncio.CancelledError:
+        builder.finish()
+        response = run.response("cancelled", output=builder.output())
+        await asyncio.shield(_update(run, response))
+        raise
+    except Exception as e:
+        if not isinstance(e, APIError):
+            log.exception("background response %s failed", run.id)
+        message = e.message if isinstance(e, APIError) else "The server had an error while generating."
+        response = run.response(
+            "failed", output=builder.output(), error={"code": "server_error", "message": message}
+        )
+    await _update(run, response)
+
+
+async def _update(run: Run, response: dict) -> None:
+    try:
+        await run_in_threadpool(_update_row, run, response)
+    except Exception:
+        log.exception("could not record the end of background response %s", run.id)
+
+
+def _update_row(run: Run, response: dict) -> None:
+    with run.state.db.transaction() as s:
+        store.finish(s, response_id=run.id, response=response)
+
+
+async def cancel(state, session, principal, response_id: str, registry: dict[str, asyncio.Task]) -> dict:
+    """Cancel a background response: its generation stops, its output so far is kept, its status
+    is `cancelled`. Cancelling a cancelled response answers it again; a finished one is a 400."""
+    row = await run_in_threadpool(store.get_row, session, principal=principal, response_id=response_id)
+    if not row.response.get("background"):
+        raise _invalid("response_id", "Only responses created with background=true can be cancelled.")
+    if row.status in ("queued", "in_progress"):
+        task = registry.get(response_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task], timeout=10)
+        await run_in_threadpool(_mark_cancelled, state, principal, response_id)
+        session.expire_all()
+        row = await run_in_threadpool(store.get_row, session, principal=principal, response_id=response_id)
+    elif row.status != "cancelled":
+        raise _invalid("response_id", f"Cannot cancel a response with status '{row.status}'.")
+    return row.response
+
+
+def _mark_cancelled(state, principal, response_id: str) -> None:
+    """For a response running in another server process (or one that died): the row says
+    cancelled, and that process, when its generation ends, leaves it so."""
+    with state.db.transaction() as s:
+        row = store.get_row(s, principal=principal, response_id=response_id)
+        if row.status in ("queued", "in_progress"):
+            store.finish(s, response_id=response_id, response={**row.response, "status": "cancelled"})
