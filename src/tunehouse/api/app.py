@@ -28,6 +28,7 @@ from tunehouse.api.middleware.ratelimit import RateLimitMiddleware
 from tunehouse.api.models.router import router as models_router
 from tunehouse.api.organization.router import permissions_router
 from tunehouse.api.organization.router import router as organization_router
+from tunehouse.api.responses.router import router as responses_router
 from tunehouse.api.state import AppState
 from tunehouse.api.uploads import service as uploads_service
 from tunehouse.api.uploads.router import router as uploads_router
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
         models_router,
         chat_router,
         completions_router,
+        responses_router,
         usage_router,
         aliases_router,
         base_models_router,
