@@ -12,11 +12,18 @@ Two shapes for a LoRA model:
 A fully fine-tuned model (fine_tuning_type "full") already is a whole model folder (config,
 safetensors, tokenizer, generation config): it is copied as it is, and `merged` changes nothing.
 
+GGUF (`format="gguf"`): the merged (or fully fine-tuned) weights as one GGUF file for llama.cpp,
+Ollama or LM Studio, in f16, bf16 or q8_0, with the tokenizer and chat template inside. The file is
+written by llama.cpp's own converter (`convert_hf_to_gguf.py`, run from the merged folder), which
+scripts/setup.sh takes from the llama-cpp-python source distribution on PyPI: tensor names, layouts
+and quantisation are llama.cpp's, not ours.
+
 Either way the export is written to a hidden temporary folder next to the destination and renamed into
 place at the end, so an interrupted export never leaves a half-written folder behind.
 
-This is a local administrator's tool: it reads the database directly and exports any organization's
-model by name, without the organization scoping the HTTP API applies.
+`export_model` is the local administrator's tool (`tunehouse export`): it reads the database directly
+and exports any organization's model by name. The HTTP API (`GET /v1/models/{model}/export`) finds
+the checkpoint within the caller's organization and project first, then calls `export_checkpoint`.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +60,13 @@ MODEL_FILE_PATTERNS = (
     "model*.safetensors",
     "model.safetensors.index.json",
 )
+
+
+FORMATS = ("adapter", "merged", "gguf")
+GGUF_OUTTYPES = ("f16", "bf16", "q8_0")  # llama.cpp's converter's names
+# Where scripts/setup.sh puts llama.cpp's converter; TUNEHOUSE_GGUF_CONVERTER names another copy
+# (the path of a convert_hf_to_gguf.py that has its `conversion` and `gguf-py` folders beside it).
+GGUF_CONVERTER = Path(sys.prefix) / "share" / "tunehouse" / "llama.cpp" / "convert_hf_to_gguf.py"
 
 
 class ExportError(Exception):
@@ -195,6 +211,58 @@ def _write_full(weights: Path, tmp: Path) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
 
 
+def gguf_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, or ExportError saying how to get it."""
+    path = Path(os.environ.get("TUNEHOUSE_GGUF_CONVERTER") or GGUF_CONVERTER)
+    if not path.is_file() or not (path.parent / "conversion").is_dir():
+        raise ExportError(
+            f"llama.cpp's GGUF converter is not installed (no {path} with its conversion/ folder): "
+            "run scripts/setup.sh, which takes it from the llama-cpp-python source distribution on "
+            "PyPI, or set TUNEHOUSE_GGUF_CONVERTER to a convert_hf_to_gguf.py of your own"
+        )
+    return path
+
+
+def _write_gguf(hf_dir: Path, out_file: Path, *, outtype: str, name: str) -> None:
+    """Convert the standalone model folder `hf_dir` into the GGUF file `out_file` with llama.cpp's
+    converter, in a process of its own (it puts its own gguf-py first on sys.path)."""
+    converter = gguf_converter()
+    cmd = [sys.executable, str(converter), str(hf_dir), "--outfile", str(out_file), "--outtype", outtype]
+    cmd += ["--model-name", name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("NO_LOCAL_GGUF", None)  # use the gguf-py the converter was written against
+    log.info("converting %s to GGUF (%s)", hf_dir, outtype)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=hf_dir)
+    if done.returncode != 0 or not out_file.is_file():
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        why = "\n".join(lines[-8:]) or f"exit status {done.returncode}"
+        unsupported = [ln for ln in lines if "is not supported" in ln]
+        raise ExportError(f"llama.cpp's GGUF converter failed: {unsupported[-1] if unsupported else why}")
+
+
+def _readme_gguf(row: Checkpoint, file: str, outtype: str) -> str:
+    return f"""# {row.model_name}
+
+Exported from tunehouse: fine-tuned from the base model `{row.base_model}` (step {row.step_number}),
+the LoRA adapter merged into the weights, as one GGUF file ({outtype}) written by llama.cpp's
+convert_hf_to_gguf.py. The tokenizer and the chat template training rendered with are inside it.
+
+```bash
+llama-cli -m {file} -cnv                       # llama.cpp
+echo 'FROM ./{file}' > Modelfile && ollama create my-model -f Modelfile   # Ollama
+```
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", gguf_file="{file}")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", gguf_file="{file}")
+```
+
+tunehouse.json has the training details.
+"""
+
+
 def _readme(row: Checkpoint, base_path: Path, *, merged: bool, dtype: str | None, full: bool = False) -> str:
     name = row.model_name
     if merged or full:
@@ -243,20 +311,57 @@ get what the tunehouse server sends the model. tunehouse.json has the training d
 
 
 def export_model(
-    settings: Settings, model_name: str, out_dir: Path, *, merged: bool, overwrite: bool = False
+    settings: Settings,
+    model_name: str,
+    out_dir: Path,
+    *,
+    merged: bool = False,
+    overwrite: bool = False,
+    format: str | None = None,
+    outtype: str = "f16",
 ) -> Path:
-    """Write the fine-tuned model (or checkpoint) `model_name` to `out_dir`; returns `out_dir`.
+    """Write the fine-tuned model (or checkpoint) `model_name`, of any organization, to `out_dir`;
+    returns `out_dir`. `format` is "adapter", "merged" or "gguf" (default: "merged" if `merged`,
+    else "adapter"); `outtype` is the GGUF's type (GGUF_OUTTYPES).
 
     Raises UnknownModel for names that are not fine-tuned models or checkpoints in this home,
     DestinationNotEmpty when `out_dir` holds anything and `overwrite` is false, ExportError otherwise.
     """
-    out_dir = Path(out_dir).expanduser().resolve()
+    fmt = format or ("merged" if merged else "adapter")
+    _check_format(fmt, outtype)
     row = _find_checkpoint(settings, model_name)
+    return export_checkpoint(settings, row, out_dir, format=fmt, outtype=outtype, overwrite=overwrite)
+
+
+def _check_format(fmt: str, outtype: str) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format `{fmt}`: one of {', '.join(FORMATS)}")
+    if fmt == "gguf" and outtype not in GGUF_OUTTYPES:
+        raise ExportError(f"unknown GGUF type `{outtype}`: one of {', '.join(GGUF_OUTTYPES)}")
+
+
+def export_checkpoint(
+    settings: Settings,
+    row: Checkpoint,
+    out_dir: Path,
+    *,
+    format: str = "adapter",
+    outtype: str = "f16",
+    overwrite: bool = False,
+) -> Path:
+    """Write the checkpoint `row` (found by the caller, within whatever scope it applies) to
+    `out_dir` as `format`; see export_model."""
+    fmt = format
+    _check_format(fmt, outtype)
+    model_name = row.model_name
+    out_dir = Path(out_dir).expanduser().resolve()
     adapter = open_blobs(settings, "weights").path(row.path)
     # A full fine-tuning checkpoint is a whole model folder instead of an adapter.
     full = not (adapter / "adapter_config.json").is_file() and (adapter / "config.json").is_file()
     if not full and not (adapter / "adapter_config.json").is_file():
         raise ExportError(f"the weights of `{model_name}` are missing: no adapter at {adapter}")
+    if fmt == "gguf":
+        gguf_converter()  # before any work: say at once when it is missing
     meta_file = adapter / "tunehouse.json"
     meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     base_path = _base_path(settings, row, meta)
@@ -271,18 +376,26 @@ def export_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
+        # GGUF: the standalone (merged) folder is written aside first, then converted.
+        hf = tmp / ".hf" if fmt == "gguf" else tmp
+        hf.mkdir(exist_ok=True)
         # The tokenizer training saved with the checkpoint carries the template it rendered with.
         tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else base_path
-        template = _copy_tokenizer(tok_src, tmp)
+        template = _copy_tokenizer(tok_src, hf)
         dtype = None
         if full:  # already standalone weights: --merged has nothing to merge
-            dtype = _write_full(adapter, tmp)
-            _generation_config(adapter, tmp).save_pretrained(tmp)
-        elif merged:
-            dtype = _write_merged(adapter, base_path, tmp)
-            _generation_config(base_path, tmp).save_pretrained(tmp)
+            dtype = _write_full(adapter, hf)
+            _generation_config(adapter, hf).save_pretrained(hf)
+        elif fmt in ("merged", "gguf"):
+            dtype = _write_merged(adapter, base_path, hf)
+            _generation_config(base_path, hf).save_pretrained(hf)
         else:
-            _write_adapter(adapter, base_path, tmp)
+            _write_adapter(adapter, base_path, hf)
+        gguf_file = None
+        if fmt == "gguf":
+            gguf_file = f"model-{outtype}.gguf"
+            _write_gguf(hf, tmp / gguf_file, outtype=outtype, name=model_name)
+            shutil.rmtree(hf)
         info = {
             **meta,
             "model": row.model_name,
@@ -290,15 +403,28 @@ def export_model(
             "base_model_path": str(base_path),
             "step": row.step_number,
             "metrics": row.metrics or meta.get("metrics", {}),
-            "format": "full" if full else "merged" if merged else "peft-lora-adapter",
+            "format": "gguf"
+            if gguf_file
+            else "full"
+            if full
+            else fmt
+            if fmt == "merged"
+            else "peft-lora-adapter",
             "dtype": dtype,
             "has_chat_template": template is not None,
             "exported_at": int(time.time()),
         }
-        if not (merged or full):
+        if gguf_file:
+            info |= {"gguf_file": gguf_file, "gguf_type": outtype, "fully_fine_tuned": full}
+        if info["format"] == "peft-lora-adapter":
             info.pop("dtype")
         (tmp / "tunehouse.json").write_text(json.dumps(info, indent=2) + "\n")
-        (tmp / "README.md").write_text(_readme(row, base_path, merged=merged, dtype=dtype, full=full))
+        readme = (
+            _readme_gguf(row, gguf_file, outtype)
+            if gguf_file
+            else _readme(row, base_path, merged=fmt == "merged", dtype=dtype, full=full)
+        )
+        (tmp / "README.md").write_text(readme)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
 
         if out_dir.exists():

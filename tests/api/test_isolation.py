@@ -153,6 +153,8 @@ ENDPOINTS = [
     ("checkpoint model retrieve", "GET", "/v1/models/{checkpoint_model}", None),
     ("model delete", "DELETE", "/v1/models/{model}", None),
     ("checkpoint model delete", "DELETE", "/v1/models/{checkpoint_model}", None),
+    ("model export", "GET", "/v1/models/{model}/export", None),
+    ("checkpoint model export", "GET", "/v1/models/{checkpoint_model}/export", None),
     ("chat with their model", "POST", "/v1/chat/completions", _chat("{model}")),
     ("chat with their checkpoint", "POST", "/v1/chat/completions", _chat("{checkpoint_model}")),
     (

@@ -1,4 +1,5 @@
-"""`tunehouse export MODEL DIR [--merged]`: a fine-tuned model's weights as a plain folder you own.
+"""`tunehouse export MODEL DIR [--merged | --format gguf [--outtype f16|bf16|q8_0]]`: a fine-tuned
+model's weights as a plain folder you own (a Hugging Face folder, or a GGUF file for llama.cpp).
 
 Exit status: 0 = exported, 1 = unknown model, destination not empty, or another export error.
 """
@@ -33,6 +34,18 @@ def export_cmd(
             "--merged", help="Merge the adapter into the base weights: a standalone model, no peft needed."
         ),
     ] = False,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            metavar="adapter|merged|gguf",
+            help="adapter (default), merged (same as --merged), or gguf: merged weights as one GGUF "
+            "file for llama.cpp / Ollama, written by llama.cpp's converter.",
+        ),
+    ] = None,
+    outtype: Annotated[
+        str, typer.Option("--outtype", metavar="f16|bf16|q8_0", help="The GGUF file's type (--format gguf).")
+    ] = "f16",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DIR if it is not empty.")] = False,
     home: Annotated[
         Path | None,
@@ -49,20 +62,44 @@ def export_cmd(
     logging.basicConfig(level=logging.WARNING)
     settings = Settings(home=home) if home is not None else Settings()
     err = Console(stderr=True, soft_wrap=True)
+    if merged and format not in (None, "merged"):
+        err.print(f"[bold red]error:[/] --merged and --format {escape(format)} contradict each other")
+        raise typer.Exit(1)
+    if outtype != "f16" and format != "gguf":
+        err.print("[bold red]error:[/] --outtype is the GGUF file's type: it needs --format gguf")
+        raise typer.Exit(1)
     try:
-        out = export_model(settings, model, out_dir, merged=merged, overwrite=overwrite)
+        out = export_model(
+            settings, model, out_dir, merged=merged, format=format, outtype=outtype, overwrite=overwrite
+        )
     except ExportError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(1) from None
     console = Console(soft_wrap=True)
-    fmt = json.loads((out / "tunehouse.json").read_text()).get("format")
+    info = json.loads((out / "tunehouse.json").read_text())
+    fmt = info.get("format")
     full = fmt == "full"  # a fully fine-tuned model: whole weights whatever --merged says
-    kind = "fully fine-tuned model" if full else "merged model" if merged else "LoRA adapter"
+    merged = merged or format == "merged"
+    kind = (
+        f"GGUF {info.get('gguf_type')}, merged weights"
+        if fmt == "gguf"
+        else "fully fine-tuned model"
+        if full
+        else "merged model"
+        if merged
+        else "LoRA adapter"
+    )
     console.print(f"Exported {escape(model)} ({kind}) to {escape(str(out))}:", highlight=False)
     for f in sorted(out.rglob("*")):
         if f.is_file():
             console.print(f"  {escape(str(f.relative_to(out)))}  {_size(f.stat().st_size)}", highlight=False)
-    if merged or full:
+    if fmt == "gguf":
+        f = info["gguf_file"]
+        console.print(
+            f"Run it with llama.cpp (llama-cli -m {escape(str(out / f))}) or Ollama (FROM ./{f}).",
+            highlight=False,
+        )
+    elif merged or full:
         console.print("Load it with AutoModelForCausalLM.from_pretrained(DIR).", highlight=False)
     else:
         console.print("Load it with peft.AutoPeftModelForCausalLM.from_pretrained(DIR).", highlight=False)

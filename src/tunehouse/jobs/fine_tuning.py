@@ -105,6 +105,17 @@ def validate(ctx: JobContext) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     method_type = job.method["type"]
     requested = job.method[method_type]["hyperparameters"]
+    # The time estimate needs this machine's training speed on this base: on a fresh install
+    # (no job of this base finished here yet) a short probe measures it once (training/throughput.py).
+    tokens_per_second = throughput.tokens_per_second(ctx.settings.home, job.base_model)
+    if tokens_per_second is None:
+        with ctx.db.transaction() as s:
+            add_event(
+                s, job.id, f"Measuring this machine's training speed on {job.base_model} (once, a few steps)"
+            )
+        tokens_per_second = throughput.ensure_measured(
+            ctx.settings.home, job.base_model, base.path, dtype=ctx.settings.dtype
+        )
     report = check_files(
         train_path,
         validation=valid_path,
@@ -113,7 +124,7 @@ def validate(ctx: JobContext) -> None:
         method=method_type,
         n_epochs=requested.get("n_epochs", "auto"),
         overlap_is_error=bool((job.options or {}).get("overlap_is_error")),
-        tokens_per_second=throughput.tokens_per_second(ctx.settings.home, job.base_model),
+        tokens_per_second=tokens_per_second,
         # The price quoted when the job was created (usage/prices.py), or the default.
         **({"price_per_million": job.training_price} if job.training_price is not None else {}),
     )
@@ -256,6 +267,7 @@ def train(ctx: JobContext) -> None:
             if started_before is None:
                 add_event(s, job.id, "Fine-tuning job started", data=None)
         hooks = JobHooks(ctx, model_name=model_name, base_model=job.base_model, stored=stored)
+        hooks.planned_seconds = planned_seconds(ctx, job)
     common = dict(
         base_model_path=start_path,
         train_file=train_path,
@@ -324,6 +336,14 @@ def train(ctx: JobContext) -> None:
     discard_training_state(ctx.settings, organization_id=job.organization_id, job_id=job.id)
 
 
+def planned_seconds(ctx: JobContext, job: Job) -> float | None:
+    """The whole run's training time from its billable tokens and this machine's measured speed."""
+    tps = throughput.tokens_per_second(ctx.settings.home, job.base_model)
+    if not tps or not job.estimated_tokens:
+        return None
+    return job.estimated_tokens / tps
+
+
 def device_for(ctx: JobContext) -> str:
     """With several data-parallel workers on one machine, each has a GPU of its own."""
     if ctx.world_size > 1 and torch.cuda.is_available():
@@ -379,6 +399,7 @@ def finish(ctx: JobContext, job: Job, *, model_name: str, trained_tokens: int, r
                 .where(*ctx.mine(st.RUNNING))
                 .values(
                     status=st.SUCCEEDED,
+                    estimated_finish=None,  # null once the job is not running (OpenAI's rule)
                     fine_tuned_model=model_name,
                     trained_tokens=trained_tokens,
                     result_files=[result.id],
@@ -450,6 +471,11 @@ class JobHooks:
         self.resumed_from: int | None = None
         self.stop_requested = False
         self._publish_warned = False
+        # estimated_finish: from the planned time until the first step is done, then from the
+        # pace of this run's steps (t0, step0: when and where this run started).
+        self.planned_seconds: float | None = None
+        self._t0 = time.monotonic()
+        self._step0 = 0
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, *_):
@@ -457,11 +483,35 @@ class JobHooks:
 
     def on_start(self, *, total_steps: int) -> None:
         self.total_steps = total_steps
+        self._t0, self._step0 = time.monotonic(), 0
+        if self.planned_seconds is not None:
+            self._set_estimated_finish(self.planned_seconds)
+
+    def _set_estimated_finish(self, seconds_left: float) -> None:
+        try:
+            with self.ctx.db.transaction() as s:
+                s.execute(
+                    update(Job)
+                    .where(*self.ctx.mine(st.RUNNING))
+                    .values(estimated_finish=int(time.time() + seconds_left))
+                )
+        except OperationalError:
+            log.warning("job %s: database unreachable; estimated_finish not updated", self.ctx.job_id)
+
+    def _update_estimate(self, step: int) -> None:
+        """The time left at this run's pace so far (it moves as the job proceeds)."""
+        done = step - self._step0
+        if done > 0 and self.total_steps:
+            per_step = (time.monotonic() - self._t0) / done
+            self._set_estimated_finish(per_step * max(self.total_steps - step, 0))
 
     def on_resume(self, *, step: int) -> None:
         """Continue the record from `step`: what was logged after it is redone, so it is dropped
         (no duplicated metrics), and the results table is rebuilt from what stays."""
         self.resumed_from = step
+        self._t0, self._step0 = time.monotonic(), step
+        if self.planned_seconds is not None and self.total_steps:
+            self._set_estimated_finish(self.planned_seconds * (1 - step / self.total_steps))
         with self.ctx.db.transaction() as s:
             for e in s.scalars(
                 select(JobEvent).where(JobEvent.job_id == self.ctx.job_id, JobEvent.type == "metrics")
@@ -493,6 +543,7 @@ class JobHooks:
                 **{k: metrics.get(k) for k in REWARD_COLUMNS if k in metrics},
             }
         )
+        self._update_estimate(step)
         with self.ctx.db.transaction() as s:
             add_event(
                 s,
