@@ -33,6 +33,16 @@ def tiny_model_dir(default_model_dir: Path, tmp_path_factory) -> Path:
     return build_tiny_model(default_model_dir, tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_family_dirs(default_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """A tiny random model of each family the fast decoder covers (tests/tiny_families.py), by
+    model_type: llama, qwen2, qwen3, mistral, gemma."""
+    from tests.tiny_families import FAMILIES, build_tiny_family
+
+    root = tmp_path_factory.mktemp("tiny-families")
+    return {f: build_tiny_family(f, default_model_dir, root / f) for f in FAMILIES}
+
+
 # TUNEHOUSE_TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres runs every
 # test against PostgreSQL: each test gets a database of its own, created here and dropped after.
 PG_ADMIN_URL = os.environ.get("TUNEHOUSE_TEST_DATABASE_URL")

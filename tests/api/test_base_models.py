@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.api.conftest import LiveServer, arithmetic_lines, create_org_key, wait_for_job, write_jsonl
-from tests.tiny_families import FAMILIES, build_tiny_family
+from tests.tiny_families import FAMILIES
 
 runner = CliRunner()
 
@@ -28,16 +28,12 @@ def cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def family_dirs(default_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("family-models")
-    return {f: build_tiny_family(f, default_model_dir, root / f) for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def added(shared_server, family_dirs):
+def added(shared_server, tiny_family_dirs):
     """Every family added: Qwen3 with the CLI (all organizations), the others through the admin API."""
     home = str(shared_server.settings.home)
-    result = cli("models", "add", str(family_dirs["qwen3"]), "--name", "my-qwen3", "--home", home, "--json")
+    result = cli(
+        "models", "add", str(tiny_family_dirs["qwen3"]), "--name", "my-qwen3", "--home", home, "--json"
+    )
     assert result.exit_code == 0, result.output
     rows = {"qwen3": json.loads(result.output)}
     with shared_server.http() as http:
@@ -46,14 +42,14 @@ def added(shared_server, family_dirs):
                 continue
             r = http.post(
                 "/v1/organization/base_models",
-                json={"path": str(family_dirs[family]), "name": f"my-{family}"},
+                json={"path": str(tiny_family_dirs[family]), "name": f"my-{family}"},
             )
             assert r.status_code == 200, r.text
             rows[family] = r.json()
     return rows
 
 
-def test_add_reports_architecture_context_and_memory(added, family_dirs):
+def test_add_reports_architecture_context_and_memory(added, tiny_family_dirs):
     arch = {
         "llama": "LlamaForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
@@ -70,7 +66,7 @@ def test_add_reports_architecture_context_and_memory(added, family_dirs):
         assert row["organizations"] is None
         # The weights were copied under the server's home: the source may go.
         path = Path(row["path"])
-        assert path.is_dir() and (path / "config.json").is_file() and path != family_dirs[family]
+        assert path.is_dir() and (path / "config.json").is_file() and path != tiny_family_dirs[family]
 
 
 def test_listed_by_models_and_served(added, shared_server):
@@ -118,14 +114,14 @@ def test_fine_tune_serve_and_export(added, shared_server, tmp_path):
     assert busy.exit_code != 0 and "in use" in busy.output
 
 
-def test_organizations_allowed(shared_server, family_dirs):
+def test_organizations_allowed(shared_server, tiny_family_dirs):
     other_key = create_org_key(shared_server.settings, "other-org")
     allowed_key = create_org_key(shared_server.settings, "allowed-org")
     with shared_server.http() as http:
         r = http.post(
             "/v1/organization/base_models",
             json={
-                "path": str(family_dirs["llama"]),
+                "path": str(tiny_family_dirs["llama"]),
                 "name": "private-llama",
                 "organizations": ["allowed-org"],
             },
@@ -135,7 +131,9 @@ def test_organizations_allowed(shared_server, family_dirs):
         with httpx.Client(
             base_url=shared_server.url, headers={"Authorization": f"Bearer {allowed_key}"}
         ) as org_http:
-            refused = org_http.post("/v1/organization/base_models", json={"path": str(family_dirs["llama"])})
+            refused = org_http.post(
+                "/v1/organization/base_models", json={"path": str(tiny_family_dirs["llama"])}
+            )
             assert refused.status_code == 403
     allowed, other = shared_server.client(allowed_key), shared_server.client(other_key)
     assert "private-llama" in [m.id for m in allowed.models.list().data]
@@ -183,7 +181,7 @@ def _nothing_left(settings) -> None:
     assert len(on_disk) == len(names)
 
 
-def test_bad_input_is_refused_naming_the_problem(shared_server, family_dirs, tmp_path):
+def test_bad_input_is_refused_naming_the_problem(shared_server, tiny_family_dirs, tmp_path):
     home = str(shared_server.settings.home)
 
     def refused(path, *extra) -> str:
@@ -218,7 +216,7 @@ def test_bad_input_is_refused_naming_the_problem(shared_server, family_dirs, tmp
     assert "cannot be read as a GGUF model" in refused(bad_gguf)
     # No chat template: refused unless one is given.
     plain = tmp_path / "no-template"
-    shutil.copytree(family_dirs["mistral"], plain)
+    shutil.copytree(tiny_family_dirs["mistral"], plain)
     config = json.loads((plain / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(config))

@@ -12,18 +12,12 @@ import pytest
 import torch
 
 from tests.inference.test_decode import _decode_both_ways
-from tests.tiny_families import FAMILIES, build_tiny_family
+from tests.tiny_families import FAMILIES
 from tunehouse.inference.decode import LlamaDecoder, fast_decoder
 from tunehouse.inference.engine import ModelRef, SamplingParams
 from tunehouse.inference.lora import MultiLora
 
 pytestmark = pytest.mark.one_database
-
-
-@pytest.fixture(scope="module")
-def family_dirs(default_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {f: build_tiny_family(f, default_model_dir, root / f) for f in FAMILIES}
 
 
 def _model(path, dtype):
@@ -54,8 +48,8 @@ def _adapter(path, out, seed: int):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decode_steps_equal_transformers(family, family_dirs, tmp_path):
-    path = family_dirs[family]
+def test_decode_steps_equal_transformers(family, tiny_family_dirs, tmp_path):
+    path = tiny_family_dirs[family]
     model = _model(path, torch.float32)
     lora = MultiLora(model, n_slots=2)
     a = lora.load(_adapter(path, tmp_path / "a", seed=1))
@@ -75,7 +69,7 @@ def test_decode_steps_equal_transformers(family, family_dirs, tmp_path):
     torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03)
 
 
-def test_engine_greedy_answers_equal_generate(family_dirs):
+def test_engine_greedy_answers_equal_generate(tiny_family_dirs):
     """Through the engine (prefill by transformers, decode steps by the fast decoder), fp32: the
     greedy answer of each family is the one transformers' own generate gives."""
     from transformers import AutoTokenizer
@@ -87,7 +81,7 @@ def test_engine_greedy_answers_equal_generate(family_dirs):
     messages = [{"role": "user", "content": "Name three colours."}]
     try:
         for family in FAMILIES:
-            path = family_dirs[family]
+            path = tiny_family_dirs[family]
             tokenizer = AutoTokenizer.from_pretrained(path)
             ref = ModelRef(name=family, base_path=path)
             prompt = engine.encode_chat(ref, messages)
