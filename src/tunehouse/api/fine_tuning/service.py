@@ -64,7 +64,8 @@ def to_wire(job: Job) -> FineTuningJob:
         validation_file=job.validation_file,
         integrations=job.integrations,
         seed=job.seed,
-        estimated_finish=job.estimated_finish,
+        # Null unless running, as OpenAI's: a paused, failed or cancelled job keeps no stale time.
+        estimated_finish=job.estimated_finish if job.status == "running" else None,
         method=method,
         metadata=job.metadata_,
         user_provided_suffix=job.suffix,
