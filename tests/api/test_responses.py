@@ -387,3 +387,58 @@ def test_honoured_details(client):
     )
     assert r.top_p == 0.5 and r.service_tier == "default" and r.max_tool_calls == 1
     assert len([i for i in r.output if i.type == "function_call"]) == 1
+
+
+def test_a_batch_over_responses_answers_as_the_endpoint_does(client):
+    from tests.api.test_batches import file_lines, line, upload, wait_batch
+
+    first = create(client, input="My name is Ada.")
+    bodies = [
+        {"model": TINY_MODEL, "input": "Tell me a story.", "max_output_tokens": 16, "temperature": 0},
+        {
+            "model": TINY_MODEL,
+            "input": "What is 2 + 3?",
+            "tools": [ADD],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "max_output_tokens": 128,
+            "temperature": 0,
+        },
+        {
+            "model": TINY_MODEL,
+            "input": "And my name?",
+            "previous_response_id": first.id,
+            "instructions": "Be brief.",
+            "max_output_tokens": 16,
+            "temperature": 0,
+        },
+    ]
+    bad = {**bodies[0], "store": True}
+    f = upload(client, [line(f"r{i}", b, url="/v1/responses") for i, b in enumerate([*bodies, bad])])
+    failed = client.batches.create(input_file_id=f.id, endpoint="/v1/responses", completion_window="24h")
+    assert failed.status == "failed" and [(e.line, e.param) for e in failed.errors.data] == [
+        (4, "body.store")
+    ]
+
+    f = upload(client, [line(f"r{i}", b, url="/v1/responses") for i, b in enumerate(bodies)])
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/responses", completion_window="24h")
+    done = wait_batch(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 3, done.errors
+    out = file_lines(client, done.output_file_id)
+    for o, body in zip(out, bodies, strict=True):
+        got = o["response"]["body"]
+        check(got, "Response")
+        direct = client.responses.create(**body, store=False).model_dump(mode="json")
+        assert got["object"] == "response" and got["id"].startswith("resp_") and got["store"] is False
+        assert got["status"] == direct["status"] and got["instructions"] == direct["instructions"]
+        tokens = ("input_tokens", "output_tokens", "total_tokens")
+        assert [got["usage"][k] for k in tokens] == [direct["usage"][k] for k in tokens]
+        assert [_essence(i) for i in got["output"]] == [_essence(i) for i in direct["output"]]
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(got["id"])  # a batch's responses are in its output file only
+
+
+def _essence(item: dict) -> tuple:
+    if item["type"] == "function_call":
+        return item["type"], item["name"], item["arguments"], item["status"]
+    return item["type"], item["content"][0]["text"], item["status"]

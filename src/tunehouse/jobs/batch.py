@@ -36,8 +36,10 @@ from sqlalchemy.exc import IntegrityError
 from tunehouse import ids
 from tunehouse.errors import ModelNotFound
 from tunehouse.evals.generation import Generator, GenResult, resolve_model
+from tunehouse.inference import output_items
 from tunehouse.inference import tools as tool_calls
-from tunehouse.inference.engine import ContextLengthExceeded, ModelRef, SamplingParams, TokenLogprob
+from tunehouse.inference.engine import ContextLengthExceeded, Delta, ModelRef, SamplingParams, TokenLogprob
+from tunehouse.inference.output_items import OutputBuilder
 from tunehouse.jobs import status as st
 from tunehouse.jobs.context import JobContext, JobGone
 from tunehouse.jobs.eval_run import StopCheck
@@ -61,7 +63,8 @@ log = logging.getLogger("tunehouse.runner")
 VALIDATING, FAILED, IN_PROGRESS, FINALIZING = "validating", "failed", "in_progress", "finalizing"
 COMPLETED, EXPIRED, CANCELLING, CANCELLED = "completed", "expired", "cancelling", "cancelled"
 ENDED = (FAILED, COMPLETED, EXPIRED, CANCELLED)
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
+ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES)
 WINDOW_SECONDS = {"24h": 24 * 3600}
 # How often a running batch looks at its own row (cancel asked).
 CHECK_SECONDS = 1.0
@@ -165,6 +168,28 @@ def chat_body(model: str, entry: dict, result: GenResult) -> dict[str, Any]:
         "service_tier": "default",
         "system_fingerprint": None,
     }
+
+
+def response_body(model: str, entry: dict, result: GenResult) -> dict[str, Any]:
+    """A /v1/responses line's Response object: the one the API made when it checked the line, with
+    the output items built from the answer as the endpoint builds them (inference/output_items.py)."""
+    params = entry["params"]
+    builder = OutputBuilder(
+        entry.get("tool_names"), max_calls=entry.get("max_calls"), logprobs=params.get("logprobs")
+    )
+    [part] = result.choices
+    builder.feed(
+        Delta(index=0, text=part.text, finish_reason=part.finish_reason or "length", logprobs=part.logprobs)
+    )
+    builder.finish()
+    response = {**entry["response"], "id": ids.response_id(), "created_at": now(), "model": model}
+    return output_items.finish(
+        response,
+        builder,
+        input_tokens=result.prompt_tokens,
+        output_tokens=result.completion_tokens,
+        now=now(),
+    )
 
 
 def _legacy_logprobs(entries: list[TokenLogprob], start: int) -> dict[str, Any]:
@@ -285,6 +310,8 @@ class Lines:
         model = self.batch.model or ""
         if self.batch.endpoint == CHAT:
             body = chat_body(model, entry, results[0])
+        elif self.batch.endpoint == RESPONSES:
+            body = response_body(model, entry, results[0])
         else:
             body = completion_body(model, entry, results, echoes)
         response = {"status_code": 200, "request_id": ids.request_id(), "body": body}
@@ -292,7 +319,7 @@ class Lines:
 
     def refused(self, entry: dict, e: Exception) -> None:
         """A request the engine will not run (too long for the context): a 400, as the endpoint."""
-        param = "messages" if self.batch.endpoint == CHAT else "prompt"
+        param = {CHAT: "messages", RESPONSES: "input"}.get(self.batch.endpoint, "prompt")
         code = "context_length_exceeded" if isinstance(e, ContextLengthExceeded) else "invalid_value"
         self.write(
             entry,
@@ -452,7 +479,7 @@ def _run(ctx: JobContext, batch: Batch, generator: Generator, stop: BatchStop) -
 
 def _encode(engine, ref: ModelRef, endpoint: str, entry: dict) -> list[tuple[list[int], str]]:
     """The line's prompts as token ids, each with its text (a completions request's `echo`)."""
-    if endpoint == CHAT:
+    if endpoint in (CHAT, RESPONSES):
         return [(engine.encode_chat(ref, entry["messages"], tools=entry.get("tools")), "")]
     vocab = engine.vocab_size(ref)
     out = []

@@ -39,10 +39,23 @@ from tunehouse.api.errors import _loc_to_param
 from tunehouse.api.files.service import get_file_row
 from tunehouse.api.models.service import resolve_for_inference
 from tunehouse.api.pagination import page
+from tunehouse.api.responses import service as responses
+from tunehouse.api.responses import store as stored_responses
+from tunehouse.api.responses.protocol import CreateResponseRequest, response_object
 from tunehouse.api.state import AppState
 from tunehouse.errors import APIError, InvalidRequest, ModelNotFound, NotFound
 from tunehouse.jobs import batch as runner
-from tunehouse.jobs.batch import CANCELLING, CHAT, COMPLETIONS, ENDED, FAILED, IN_PROGRESS, VALIDATING
+from tunehouse.jobs.batch import (
+    CANCELLING,
+    CHAT,
+    COMPLETIONS,
+    ENDED,
+    ENDPOINTS,
+    FAILED,
+    IN_PROGRESS,
+    RESPONSES,
+    VALIDATING,
+)
 from tunehouse.jobs.events import add_event
 from tunehouse.jobs.queue import gpus_for
 from tunehouse.store import files
@@ -58,7 +71,6 @@ MAX_REQUESTS = 50_000  # OpenAI's limit per batch
 MAX_ERRORS = 1000  # problems reported of one file (the first ones)
 LINE_FIELDS = ("custom_id", "method", "url", "body")
 NOT_HERE = {
-    "/v1/responses": "the Responses API is not available on this server yet",
     "/v1/embeddings": "the Embeddings API is not available on this server yet",
 }
 
@@ -173,13 +185,14 @@ def _check_request(req: CreateBatchRequest) -> None:
     if req.endpoint in NOT_HERE:
         raise InvalidRequest(
             f"Invalid value for 'endpoint': '{req.endpoint}': {NOT_HERE[req.endpoint]}. This server runs "
-            f"batches for '{CHAT}' and '{COMPLETIONS}'.",
+            f"batches for '{CHAT}', '{COMPLETIONS}' and '{RESPONSES}'.",
             param="endpoint",
             code="invalid_value",
         )
-    if req.endpoint not in (CHAT, COMPLETIONS):
+    if req.endpoint not in ENDPOINTS:
         raise InvalidRequest(
-            f"Invalid value for 'endpoint': '{req.endpoint}'. Supported values are: '{CHAT}' and '{COMPLETIONS}'.",
+            f"Invalid value for 'endpoint': '{req.endpoint}'. Supported values are: '{CHAT}', '{COMPLETIONS}' "
+            f"and '{RESPONSES}'.",
             param="endpoint",
             code="invalid_value",
         )
@@ -233,9 +246,13 @@ def _body_param(param: str | None) -> str:
     return f"body.{param}" if param else "body"
 
 
-def _plan_entry(endpoint: str, body: dict) -> tuple[str, dict[str, Any]]:
+def _plan_entry(
+    endpoint: str, body: dict, *, session: Session, principal: Principal
+) -> tuple[str, dict[str, Any]]:
     """(model, the plan's request) of a body, through the endpoint's own checks (raises
     ValidationError or APIError)."""
+    if endpoint == RESPONSES:
+        return _response_entry(body, session=session, principal=principal)
     if endpoint == CHAT:
         req = ChatCompletionRequest.model_validate(body)
         _no_stream(req)
@@ -265,6 +282,51 @@ def _plan_entry(endpoint: str, body: dict) -> tuple[str, dict[str, Any]]:
         "prompts": completions._raw_prompts(req),
         "echo": bool(req.echo),
         "params": runner.plan_params(params),
+    }
+
+
+def _response_entry(body: dict, *, session: Session, principal: Principal) -> tuple[str, dict[str, Any]]:
+    """A /v1/responses line: checked by the endpoint's own code, its conversation (with the
+    stored response a `previous_response_id` names) rendered as chat messages now, and the
+    Response object it answers with, all but its output and usage. A batch's responses are not
+    stored (`store` true is refused; unset, the answer says false) and run in the batch, not in
+    the background."""
+    req = CreateResponseRequest.model_validate(body)
+    _no_stream(req)
+    for name, value, why in (
+        ("store", req.store, "a batch's answers go to its output file and are not stored as responses here"),
+        ("background", req.background, "a batch's requests run in the batch"),
+        ("truncation", req.truncation == "auto", "a batch's conversations are not truncated here"),
+    ):
+        if value:
+            raise InvalidRequest(
+                f"Invalid value for '{name}': {why}; leave it out or false.", param=name, code="invalid_value"
+            )
+    plan = responses.check_request(req)
+    context = []
+    if req.previous_response_id is not None:
+        context = stored_responses.conversation(
+            session, principal=principal, response_id=req.previous_response_id
+        )
+    messages = responses.to_messages(req.instructions, context + plan.input_items)
+    spec = plan.spec
+    shown = req.model_copy(update={"store": False})
+    return req.model, {
+        "messages": messages,
+        "tools": spec.tools if spec is not None and spec.in_prompt else None,
+        "tool_names": responses.tool_names(plan),
+        "max_calls": plan.max_calls,
+        "params": runner.plan_params(responses.sampling_params(req, plan)),
+        "response": response_object(
+            id="",
+            created_at=0,
+            status="in_progress",
+            model=req.model,
+            req=shown,
+            tools=plan.tools,
+            tool_choice=plan.tool_choice,
+            text=plan.text,
+        ),
     }
 
 
@@ -337,7 +399,7 @@ def check_lines(
             problems.add(number, "invalid_request", "Each request needs a 'body' (a JSON object).", "body")
             continue
         try:
-            name, entry = _plan_entry(endpoint, body)
+            name, entry = _plan_entry(endpoint, body, session=session, principal=principal)
         except ValidationError as e:
             code, message, param = _validation_problem(e)
             problems.add(number, code, message, _body_param(param))

@@ -67,17 +67,6 @@ class ResponseItemList(BaseModel):
     has_more: bool
 
 
-def usage_object(input_tokens: int, output_tokens: int) -> dict:
-    """OpenAI's ResponseUsage. The engine reports no cache hits or reasoning: those details are 0."""
-    return {
-        "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-        "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": input_tokens + output_tokens,
-    }
-
-
 def response_object(
     *,
     id: str,

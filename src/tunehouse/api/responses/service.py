@@ -30,11 +30,13 @@ from tunehouse.api import serving
 from tunehouse.api.chat import service as chat
 from tunehouse.api.chat.service import check_metadata
 from tunehouse.api.responses import store
-from tunehouse.api.responses.protocol import CreateResponseRequest, response_object, usage_object
+from tunehouse.api.responses.protocol import CreateResponseRequest, response_object
 from tunehouse.errors import APIError, InvalidRequest
+from tunehouse.inference import output_items
 from tunehouse.inference import tools as tool_calls
 from tunehouse.inference.constrained import InvalidResponseFormat, validate_response_format
-from tunehouse.inference.engine import Delta, ModelRef, SamplingParams, TokenLogprob
+from tunehouse.inference.engine import Delta, ModelRef, SamplingParams
+from tunehouse.inference.output_items import OutputBuilder
 
 log = logging.getLogger(__name__)
 
@@ -465,248 +467,24 @@ def to_messages(instructions: str | None, items: list[dict]) -> list[dict]:
 # Output items and stream events
 
 
-def _logprobs(entries: list[TokenLogprob] | None) -> list[dict]:
-    return [
-        {
-            "token": e.token,
-            "logprob": e.logprob,
-            "bytes": e.bytes,
-            "top_logprobs": [
-                {"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in e.top_logprobs
-            ],
-        }
-        for e in entries or []
-    ]
-
-
-class OutputBuilder:
-    """Engine deltas → output items, and the stream events that build them (without sequence
-    numbers). Text goes into a message item's `output_text` part; each tool-call block the model
-    writes becomes a `function_call` item. Whitespace between items opens no message."""
-
-    def __init__(self, spec: tool_calls.ToolSpec | None, *, max_calls: int | None, logprobs: bool):
-        self.parser = tool_calls.ToolCallParser(spec.names) if spec is not None and spec.parse else None
-        self.max_calls = max_calls
-        self.logprobs = logprobs
-        self.items: list[dict] = []
-        self.open: dict | None = None  # the item being written
-        self.pending = ""  # whitespace not yet given to a message
-        self.pending_logprobs: list[dict] = []
-        self.call_items: dict[int, dict] = {}  # parser's call index → its item
-        self.finish_reason: str | None = None
-
-    # -- items
-    def _close(self, status: str) -> list[dict]:
-        item, self.open = self.open, None
-        if item is None:
-            return []
-        index = self.items.index(item)
-        item["status"] = status
-        if item["type"] == "message":
-            part = item["content"][0]
-            return [
-                {
-                    "type": "response.output_text.done",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "content_index": 0,
-                    "text": part["text"],
-                    "logprobs": part["logprobs"],
-                },
-                {
-                    "type": "response.content_part.done",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "content_index": 0,
-                    "part": dict(part),
-                },
-                {"type": "response.output_item.done", "output_index": index, "item": _copy(item)},
-            ]
-        call = self.parser.calls[item.pop("_k")] if self.parser is not None else None
-        if call is not None and call["arguments"]:
-            item["arguments"] = call["arguments"]
-        return [
-            {
-                "type": "response.function_call_arguments.done",
-                "item_id": item["id"],
-                "output_index": index,
-                "name": item["name"],
-                "arguments": item["arguments"],
-            },
-            {"type": "response.output_item.done", "output_index": index, "item": _copy(item)},
-        ]
-
-    def _text(self, text: str, logprobs: list[dict]) -> list[dict]:
-        events: list[dict] = []
-        if not text and not logprobs:
-            return events
-        if self.open is None or self.open["type"] != "message":
-            if not text.strip():
-                self.pending += text
-                self.pending_logprobs += logprobs
-                return events
-            events += self._close("completed")
-            item = {
-                "id": ids.response_item_id("msg"),
-                "type": "message",
-                "status": "in_progress",
-                "content": [],
-                "role": "assistant",
-            }
-            self.items.append(item)
-            self.open = item
-            index = len(self.items) - 1
-            events.append({"type": "response.output_item.added", "output_index": index, "item": _copy(item)})
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            events.append(
-                {
-                    "type": "response.content_part.added",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "content_index": 0,
-                    "part": dict(part),
-                }
-            )
-            item["content"].append(part)
-            text, logprobs = self.pending + text, self.pending_logprobs + logprobs
-            self.pending, self.pending_logprobs = "", []
-        item = self.open
-        part = item["content"][0]
-        part["text"] += text
-        part["logprobs"] += logprobs
-        events.append(
-            {
-                "type": "response.output_text.delta",
-                "item_id": item["id"],
-                "output_index": self.items.index(item),
-                "content_index": 0,
-                "delta": text,
-                "logprobs": logprobs,
-            }
-        )
-        return events
-
-    def _call(self, piece: tool_calls.ToolCallDelta) -> list[dict]:
-        events: list[dict] = []
-        if piece.id is not None:  # a new call
-            if self.max_calls is not None and len(self.call_items) >= self.max_calls:
-                return events  # beyond `max_tool_calls` / `parallel_tool_calls: false`: not made
-            events += self._close("completed")
-            self.pending, self.pending_logprobs = "", []
-            item = {
-                "id": ids.response_item_id("fc"),
-                "type": "function_call",
-                "status": "in_progress",
-                "arguments": "",
-                "call_id": piece.id,
-                "name": piece.name,
-            }
-            self.items.append(item)
-            self.call_items[piece.index] = item
-            self.open = item
-            events.append(
-                {
-                    "type": "response.output_item.added",
-                    "output_index": len(self.items) - 1,
-                    "item": _copy(item),
-                }
-            )
-            item["_k"] = piece.index
-        item = self.call_items.get(piece.index)
-        if item is None or item is not self.open or not piece.arguments:
-            return events
-        item["arguments"] += piece.arguments
-        events.append(
-            {
-                "type": "response.function_call_arguments.delta",
-                "item_id": item["id"],
-                "output_index": self.items.index(item),
-                "delta": piece.arguments,
-            }
-        )
-        return events
-
-    def feed(self, delta: Delta) -> list[dict]:
-        final = delta.finish_reason is not None
-        logprobs = _logprobs(delta.logprobs) if self.logprobs else []
-        if self.parser is None:
-            events = self._text(delta.text, logprobs)
-        else:
-            text, pieces = self.parser.feed(delta.text, final=final)
-            events = self._text(text, logprobs)
-            for piece in pieces:
-                events += self._call(piece)
-        if final:
-            self.finish_reason = delta.finish_reason
-        return events
-
-    def finish(self) -> list[dict]:
-        """Close what is open; an answer with no item at all is an (empty) message."""
-        events: list[dict] = []
-        if not self.items:
-            events += self._text_forced()
-        events += self._close(self.item_status)
-        return events
-
-    def _text_forced(self) -> list[dict]:
-        text, self.pending = self.pending, ""
-        logprobs, self.pending_logprobs = self.pending_logprobs, []
-        item = {
-            "id": ids.response_item_id("msg"),
-            "type": "message",
-            "status": "in_progress",
-            "content": [],
-            "role": "assistant",
-        }
-        self.items.append(item)
-        self.open = item
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        events = [
-            {"type": "response.output_item.added", "output_index": 0, "item": _copy(item)},
-            {
-                "type": "response.content_part.added",
-                "item_id": item["id"],
-                "output_index": 0,
-                "content_index": 0,
-                "part": dict(part),
-            },
-        ]
-        item["content"].append(part)
-        part["text"], part["logprobs"] = text, logprobs
-        if text:
-            events.append(
-                {
-                    "type": "response.output_text.delta",
-                    "item_id": item["id"],
-                    "output_index": 0,
-                    "content_index": 0,
-                    "delta": text,
-                    "logprobs": logprobs,
-                }
-            )
-        return events
-
-    @property
-    def incomplete(self) -> bool:
-        return self.finish_reason == "length"
-
-    @property
-    def item_status(self) -> str:
-        return "incomplete" if self.incomplete else "completed"
-
-    def output(self) -> list[dict]:
-        return [_copy(item) for item in self.items]
-
-
-def _copy(item: dict) -> dict:
-    out = {k: v for k, v in item.items() if not k.startswith("_")}
-    if "content" in out:
-        out["content"] = [dict(p, logprobs=list(p.get("logprobs", []))) for p in out["content"]]
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Running a response
+
+
+def sampling_params(req: CreateResponseRequest, plan: Plan) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=req.max_output_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        logprobs=plan.logprobs,
+        top_logprobs=req.top_logprobs or 0,
+        **chat.constraint(plan.spec, plan.response_format),
+    )
+
+
+def tool_names(plan: Plan) -> list[str] | None:
+    """The functions whose calls are parsed out of the answer (None: plain text)."""
+    return plan.spec.names if plan.spec is not None and plan.spec.parse else None
 
 
 @dataclass
@@ -741,14 +519,7 @@ class Run:
         )
 
     def params(self) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=self.req.max_output_tokens,
-            temperature=1.0 if self.req.temperature is None else self.req.temperature,
-            top_p=1.0 if self.req.top_p is None else self.req.top_p,
-            logprobs=self.plan.logprobs,
-            top_logprobs=self.req.top_logprobs or 0,
-            **chat.constraint(self.plan.spec, self.plan.response_format),
-        )
+        return sampling_params(self.req, self.plan)
 
     async def start(self) -> serving.Generation:
         """Queue the generation (a 400 before any byte is sent when it cannot run). With
@@ -779,17 +550,18 @@ class Run:
                     raise
 
     def finished(self, builder: OutputBuilder, usage) -> dict:
-        status = "incomplete" if builder.incomplete else "completed"
-        return self.response(
-            status,
-            output=builder.output(),
-            usage=usage_object(usage.prompt_tokens, usage.completion_tokens),
-            incomplete_details={"reason": "max_output_tokens"} if builder.incomplete else None,
-            completed_at=int(time.time()) if status == "completed" else None,
+        return output_items.finish(
+            self.response("in_progress"),
+            builder,
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            now=int(time.time()),
         )
 
     def builder(self) -> OutputBuilder:
-        return OutputBuilder(self.plan.spec, max_calls=self.plan.max_calls, logprobs=self.plan.logprobs)
+        return OutputBuilder(
+            tool_names(self.plan), max_calls=self.plan.max_calls, logprobs=self.plan.logprobs
+        )
 
     def save(self, response: dict) -> None:
         with self.state.db.transaction() as s:
