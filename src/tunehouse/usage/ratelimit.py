@@ -6,11 +6,13 @@ limits on its own share of the traffic (document: divide the limits, or route a 
 process). Limits come from the key's override, else its organization's, else the settings
 (`TUNEHOUSE_RATE_LIMIT_REQUESTS_PER_MINUTE`, `…_TOKENS_PER_MINUTE`; 0 turns one off).
 
-Tokens are counted for chat and completions only. Before the request they are estimated as
-(characters of the messages or prompt) / 4 + `max_completion_tokens`/`max_tokens` (256 when
-unset), and taken from the bucket; after it, `record_inference` reports the true count and the
-difference is given back or taken (`reconcile`). A request that produced no tokens (an error) gets
-its whole estimate back.
+Tokens are counted for chat, completions and responses only. Before the request they are estimated
+as (characters of the messages, prompt or input) / 4 + `max_completion_tokens`/`max_tokens`/
+`max_output_tokens` (256 when unset), and taken from the bucket; after it, `record_inference`
+reports the true count and the difference is given back or taken (`reconcile`). A background
+response is metered after its request has ended: its estimate is given back then, its tokens
+counted in usage but not against the per-minute token limit. A request that produced no tokens
+(an error) gets its whole estimate back.
 
 No HTTP here: `api/middleware/ratelimit.py` asks `RateLimiter.admit` per request, answers 429 with
 OpenAI's `x-ratelimit-*` and `Retry-After` headers from the `Decision`, and runs the request inside
@@ -122,10 +124,10 @@ def estimate_tokens(body: bytes) -> int:
         return 0
     if not isinstance(req, dict):
         return 0
-    text = req.get("messages", req.get("prompt", ""))
+    text = req.get("messages", req.get("prompt", req.get("input", "")))
     prompt_chars = len(text) if isinstance(text, str) else len(json.dumps(text, ensure_ascii=False))
     n = req.get("n") if isinstance(req.get("n"), int) and req.get("n") > 0 else 1
-    completion = req.get("max_completion_tokens") or req.get("max_tokens")
+    completion = req.get("max_completion_tokens") or req.get("max_tokens") or req.get("max_output_tokens")
     if not isinstance(completion, int) or completion < 0:
         completion = DEFAULT_COMPLETION_ESTIMATE
     return prompt_chars // 4 + completion * n

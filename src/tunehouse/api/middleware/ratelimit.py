@@ -19,7 +19,7 @@ from tunehouse.errors import APIError
 from tunehouse.usage.ratelimit import LIMITS_TTL, Decision, RateLimiter, charging, estimate_tokens
 
 # The token-counted paths: their bodies are read for the estimate.
-TOKEN_PATHS = ("/v1/chat/completions", "/v1/completions")
+TOKEN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_ESTIMATED_BODY = 8 * 1024 * 1024  # bodies beyond this are not read for the estimate
 
 
