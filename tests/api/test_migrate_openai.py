@@ -70,6 +70,17 @@ def build_export(folder: Path) -> Path:
             "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
         },
     ]
+    jobs.append(  # continued the first job's model: waits for that model's replacement
+        {
+            "id": "ftjob-openai3",
+            "model": OLD_NAME,
+            "fine_tuned_model": OLD_NAME.replace("support:AbC123", "support-v2:DeF456"),
+            "status": "succeeded",
+            "training_file": "file-train1",
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+            "suffix": "support-v2",
+        }
+    )
     evals = [
         {
             "id": "eval_openai1",
@@ -156,6 +167,38 @@ def test_alias_admin_api_models_chat_and_jobs(live: LiveServer):
     assert job.model == TINY_MODEL
     client.fine_tuning.jobs.cancel(job.id)
 
+    # Evals: a model grader's alias is stored as its model; a run's data_source.model too.
+    ev = client.evals.create(
+        name="alias-eval",
+        data_source_config={
+            "type": "custom",
+            "item_schema": {"type": "object", "properties": {"q": {"type": "string"}}},
+            "include_sample_schema": True,
+        },
+        testing_criteria=[
+            {
+                "type": "score_model",
+                "name": "judge",
+                "model": "house-model",
+                "input": [{"role": "user", "content": "{{item.q}} {{sample.output_text}}"}],
+                "range": [0, 1],
+            }
+        ],
+    )
+    assert ev.testing_criteria[0].model == TINY_MODEL
+    run = client.evals.runs.create(
+        ev.id,
+        data_source={
+            "type": "completions",
+            "model": "house-model",
+            "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.q}}"}]},
+            "sampling_params": {"max_completion_tokens": 2},
+            "source": {"type": "file_content", "content": [{"item": {"q": "hi"}}]},
+        },
+    )
+    assert run.data_source.model == TINY_MODEL and run.model == TINY_MODEL
+    client.evals.runs.cancel(run.id, eval_id=ev.id)
+
     # Refusals: shadowing a real model, an unknown target, a duplicate, a chain; DELETE /v1/models.
     def refused(body, status, code):
         r = http.post("/v1/organization/model_aliases", json=body)
@@ -202,6 +245,7 @@ def test_migrate_dry_run_run_and_run_again(live: LiveServer, tmp_path: Path):
     dry = cli(live, *args, "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "Dry run: nothing was changed." in dry.output and "billable training tokens" in dry.output
+    assert "ftjob-openai3" in dry.output and "later" in dry.output  # waits for its parent's replacement
     assert "To create: 2 file(s), 1 eval(s), 1 job(s), 1 alias(es)." in dry.output
     assert counts(client) == before
     assert OLD_NAME not in {m.id for m in client.models.list().data}
@@ -242,6 +286,11 @@ def test_migrate_dry_run_run_and_run_again(live: LiveServer, tmp_path: Path):
         model=OLD_NAME, messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=3
     )
     assert answer.model == done.fine_tuned_model
+    # The job that continued the first one's model can go now: it starts from the replacement.
+    later = cli(live, *args, "--dry-run")
+    assert later.exit_code == 0, later.output
+    assert "To create: 0 file(s), 0 eval(s), 1 job(s), 1 alias(es)." in later.output
+    assert f"on {OLD_NAME}" in later.output
     listed = cli(live, "aliases", "list", "--org", "default", "--json")
     alias = next(a for a in json.loads(listed.output) if a["name"] == OLD_NAME)
     assert (alias["target"], alias["status"], alias["resolved_model"]) == (

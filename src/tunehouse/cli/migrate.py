@@ -17,7 +17,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from tunehouse.cli.tenancy import HomeOpt, OrgOpt, _org, _state
 
@@ -40,22 +39,25 @@ def _duration(seconds: float) -> str:
 
 
 def _print_plan(console: Console, plan, *, dry_run: bool) -> None:
-    table = Table(title=f"Plan (base model: {plan.base})", show_lines=False)
-    for col in ("what", "OpenAI", "action", "here", "tokens", "cost", "time", "notes"):
-        table.add_column(col, justify="right" if col in ("tokens", "cost", "time") else "left")
+    # One line per step (a table would cut the long ft: names on a narrow terminal).
+    console.print(f"Plan (base model: {escape(plan.base)}):", highlight=False)
     for s in plan.steps:
+        here = "(new)" if s.action == "create" and dry_run else s.local_id
         e = s.estimate or {}
-        table.add_row(
-            s.kind,
-            escape(s.source_id),
-            ACTIONS[s.action],
-            escape(s.local_id or "-") if s.action != "create" or dry_run is False else "(new)",
-            f"{e['billable_tokens']:,}" if e.get("billable_tokens") is not None else "",
-            f"${e['cost_usd']:,.4f}" if e.get("cost_usd") is not None else "",
-            _duration(e["estimated_seconds"]) if e.get("estimated_seconds") else ("?" if e else ""),
-            escape(s.note),
+        cost = ""
+        if e.get("billable_tokens") is not None:
+            seconds = e.get("estimated_seconds")
+            cost = (
+                f"; {e['billable_tokens']:,} tokens, ${e['cost_usd']:,.4f}, "
+                f"{_duration(seconds) if seconds else 'time ?'}"
+            )
+        target = f" → {here}" if here and s.kind != "alias" else ""
+        if s.kind == "alias" and s.action == "create" and not dry_run:
+            cost = f" ({s.local_id})"
+        console.print(
+            f"  {s.kind:<5} {ACTIONS[s.action]:<16} {escape(s.source_id)}{escape(target)}: {escape(s.note)}{cost}",
+            highlight=False,
         )
-    console.print(table)
     new_jobs = [s for s in plan.steps if s.kind == "job" and s.action == "create"]
     tokens = sum(int((s.estimate or {}).get("billable_tokens") or 0) for s in new_jobs)
     cost = sum(float((s.estimate or {}).get("cost_usd") or 0) for s in new_jobs)
@@ -69,10 +71,7 @@ def _print_plan(console: Console, plan, *, dry_run: bool) -> None:
         if all(seconds):
             when = f"about {_duration(sum(seconds))} of training, one job after another on one worker"
         else:
-            when = (
-                "time unknown: no job has trained on this base on this machine yet (the first one's "
-                "throughput is measured and used for the next estimates)"
-            )
+            when = "time unknown: this machine's training speed on the base could not be measured"
         console.print(f"Estimated: {tokens:,} billable training tokens, ${cost:,.4f}; {when}.")
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)

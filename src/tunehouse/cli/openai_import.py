@@ -400,10 +400,11 @@ def make_plan(state, session: Session, *, principal, export: Export, base: str) 
         else:
             model = base
             if str(job["model"]).startswith("ft:"):
-                # It continued another fine-tuned model: start from that one's replacement.
-                try:
-                    resolve_model_name(settings, session, principal=principal, model=job["model"])
-                except APIError:
+                # It continued another fine-tuned model: it starts from that one's replacement
+                # (through its alias), once the replacement has succeeded.
+                if known_model(job["model"]):
+                    model = job["model"]
+                elif any(j.get("fine_tuned_model") == job["model"] for j in export.jobs):
                     steps.append(
                         Step(
                             "job",
@@ -415,10 +416,12 @@ def make_plan(state, session: Session, *, principal, export: Export, base: str) 
                         )
                     )
                     continue
-                if not known_model(job["model"]):
-                    problems.append(f"{where}: it continues {job['model']}, which was not migrated here")
+                else:
+                    problems.append(
+                        f"{where}: it continues {job['model']}, which is neither in this export nor a "
+                        "model or alias here"
+                    )
                     continue
-                model = job["model"]
             body = job_body(job, model=model, where=where, problems=problems)
             if body is None:
                 continue
@@ -493,7 +496,9 @@ def make_plan(state, session: Session, *, principal, export: Export, base: str) 
         elif known_model(old_name):
             problems.append(f"{where}: {old_name} is the name of a model here; it cannot become an alias")
         else:
-            steps.append(Step("alias", old_name, "create", job_step.local_id, f"→ {job_step.local_id}"))
+            steps.append(
+                Step("alias", old_name, "create", job_step.local_id, f"→ the replacement of {job['id']}")
+            )
 
     for s in steps:  # the new jobs read the files as they are (or will be) here
         if s.kind == "job" and s.action == "create":
@@ -529,7 +534,9 @@ def _base_info(settings, session: Session, base: str, org_id: str) -> _Base:
         tokenizer=AutoTokenizer.from_pretrained(entry.path),
         context_length=context_length_for(entry.path),
         price=price_for(settings, base).training,
-        tokens_per_second=throughput.tokens_per_second(settings.home, base),
+        # What jobs on this base measured here, else a short probe (once per home): a time
+        # estimate on a fresh install too.
+        tokens_per_second=throughput.ensure_measured(settings.home, base, entry.path, dtype=settings.dtype),
     )
 
 
