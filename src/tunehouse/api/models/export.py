@@ -14,17 +14,21 @@ from __future__ import annotations
 import shutil
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from tunehouse.api.aliases.service import resolve_model_name
 from tunehouse.api.state import AppState
 from tunehouse.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from tunehouse.export import FORMATS, GGUF_OUTTYPES, ExportError, export_checkpoint, gguf_converter
 from tunehouse.store.catalog import is_base_model
 from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import own_checkpoint
+
+STALE_SECONDS = 24 * 3600
 
 
 @dataclass
@@ -33,6 +37,17 @@ class ExportedFile:
     filename: str
     media_type: str
     workdir: Path  # delete once sent
+
+
+def _sweep(parent: Path) -> None:
+    """Remove what an export interrupted by a crash left (older than any export still running)."""
+    cutoff = time.time() - STALE_SECONDS
+    for d in parent.glob("export-*"):
+        try:
+            if d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _safe(name: str) -> str:
@@ -50,11 +65,13 @@ def export_model(
         )
     if format != "gguf" and outtype != "f16":
         raise InvalidRequest("outtype is the GGUF file's type: it needs format=gguf.", param="outtype")
-    row = own_checkpoint(session, principal, model)
+    # A model alias (api/aliases) exports the model it leads to, as it runs it everywhere else.
+    name = resolve_model_name(state.settings, session, principal=principal, model=model)
+    row = own_checkpoint(session, principal, name)
     if row is None:
-        if is_base_model(state.settings, model):
+        if is_base_model(state.settings, name, session=session, organization_id=principal.organization_id):
             raise InvalidRequest(
-                f"`{model}` is a base model: only fine-tuned models and their checkpoints can be exported.",
+                f"`{name}` is a base model: only fine-tuned models and their checkpoints can be exported.",
                 param="model",
                 code="model_not_exportable",
             )
@@ -67,6 +84,7 @@ def export_model(
             raise ServiceUnavailable(str(e)) from None
     parent = state.settings.home / "exports"
     parent.mkdir(parents=True, exist_ok=True)
+    _sweep(parent)
     work = Path(tempfile.mkdtemp(prefix="export-", dir=parent))
     try:
         out = export_checkpoint(state.settings, row, work / "out", format=format, outtype=outtype)
