@@ -118,6 +118,25 @@ def build_export(folder: Path) -> Path:
     return folder
 
 
+def run_export_script(live: LiveServer, folder: Path, *args: str):
+    """scripts/export_from_openai.py with the official SDK pointed at this server; its folder as
+    `tunehouse migrate openai` reads it."""
+    import importlib.util
+    import os
+    from unittest import mock
+
+    from tunehouse.cli.openai_import import read_export
+
+    path = Path(__file__).parents[2] / "scripts" / "export_from_openai.py"
+    spec = importlib.util.spec_from_file_location("export_from_openai", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    env = {"OPENAI_BASE_URL": f"{live.url}/v1", "OPENAI_API_KEY": live.settings.admin_key}
+    with mock.patch.dict(os.environ, env):
+        assert module.main([str(folder), *args]) == 0
+    return read_export(folder)
+
+
 def counts(client) -> tuple[int, int, int]:
     return (
         len(client.files.list().data),
@@ -298,6 +317,14 @@ def test_migrate_dry_run_run_and_run_again(live: LiveServer, tmp_path: Path):
         "ready",
         done.fine_tuned_model,
     )
+
+    # The export script against this server (it speaks OpenAI's API): what it writes, migrate reads.
+    exported = run_export_script(live, tmp_path / "re-export", "--job", job.id)
+    assert [j["id"] for j in exported.jobs] == [job.id]
+    assert exported.jobs[0]["suffix"] == "support" and exported.jobs[0]["seed"] == 42
+    assert exported.jobs[0]["method"]["supervised"]["hyperparameters"]["n_epochs"] == 1
+    assert {f["filename"] for f in exported.files} == {"train.jsonl", "valid.jsonl"}
+    assert "sums" in {e["name"] for e in exported.evals}
 
     # Its model deleted, the old name answers 404 model_not_found naming what is gone.
     client.models.delete(done.fine_tuned_model)
