@@ -442,3 +442,25 @@ def _essence(item: dict) -> tuple:
     if item["type"] == "function_call":
         return item["type"], item["name"], item["arguments"], item["status"]
     return item["type"], item["content"][0]["text"], item["status"]
+
+
+def test_a_fine_tuned_model_answers_and_continues_a_conversation(client, tmp_path):
+    from tests.api.conftest import arithmetic_lines, wait_for_job, write_jsonl
+
+    f = client.files.create(
+        file=write_jsonl(tmp_path / "t.jsonl", arithmetic_lines(10)).open("rb"), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=f.id,
+        suffix="resp",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+    )
+    job = wait_for_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    base = create(client, input="What is 2 + 2?")
+    ft = create(client, model=job.fine_tuned_model, input="And 3 + 3?", previous_response_id=base.id)
+    assert ft.model == job.fine_tuned_model and ft.status in ("completed", "incomplete")
+    assert ft.usage.input_tokens > base.usage.input_tokens + base.usage.output_tokens
+    events = _events(create(client, model=job.fine_tuned_model, stream=True))
+    assert events[-1].response.model == job.fine_tuned_model and events[-1].response.output_text
