@@ -17,6 +17,7 @@ run that `retrieve` polls.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -594,8 +595,6 @@ async def complete(run: Run) -> dict:
 
 
 def _sse(event: dict) -> str:
-    import json
-
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
