@@ -46,6 +46,7 @@ class Victim:
     model: str
     checkpoint_model: str
     checkpoint_id: str
+    alias: str  # a model alias of organization A, to its model (P1's)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,10 @@ def world(tiny_model_dir, tmp_path_factory):
         assert job.status == "succeeded", job.error
         ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
         intermediate = next(c for c in ckpts if c.fine_tuned_model_checkpoint != job.fine_tuned_model)
+        alias = live.http(a_admin).post(
+            "/v1/organization/model_aliases", json={"name": "a-alias", "target": job.fine_tuned_model}
+        )
+        assert alias.status_code == 200, alias.text
         org_a = live.http(a_admin).get("/v1/organization/projects/" + p1).json()
         assert org_a["id"] == p1
         victim = Victim(
@@ -95,6 +100,7 @@ def world(tiny_model_dir, tmp_path_factory):
             model=job.fine_tuned_model,
             checkpoint_model=intermediate.fine_tuned_model_checkpoint,
             checkpoint_id=intermediate.id,
+            alias="a-alias",
         )
         attackers = {"org-b admin": b_admin, "org-b member": b_member, "org-a other project": a_p2}
         # Each attacker's own file, to try the victim's model with it.
@@ -157,6 +163,8 @@ ENDPOINTS = [
     ("checkpoint model export", "GET", "/v1/models/{checkpoint_model}/export", None),
     ("chat with their model", "POST", "/v1/chat/completions", _chat("{model}")),
     ("chat with their checkpoint", "POST", "/v1/chat/completions", _chat("{checkpoint_model}")),
+    ("chat with their model alias", "POST", "/v1/chat/completions", _chat("{alias}")),
+    ("model alias retrieve", "GET", "/v1/models/{alias}", None),
     (
         "completions with their model",
         "POST",
@@ -171,7 +179,7 @@ LISTS = [
     ("files", "/v1/files", ("file", "result_file"), True),
     ("jobs", "/v1/fine_tuning/jobs", ("job",), True),
     ("jobs by metadata", "/v1/fine_tuning/jobs?metadata[team]=a", ("job",), True),
-    ("models", "/v1/models", ("model", "checkpoint_model"), True),
+    ("models", "/v1/models", ("model", "checkpoint_model", "alias"), True),
     (
         "fine-tuning usage",
         "/v1/organization/usage/fine_tuning?start_time=0",
@@ -205,6 +213,7 @@ SAMPLE = {
     "checkpoint_model": "ft:tiny-smollm2:org-a:secret:abcd1234:ckpt-step-2",
     "own_file": "file-ghi",
     "own_project": "proj_abc",
+    "alias": "a-alias",
 }
 
 

@@ -66,10 +66,18 @@ def _is_model(settings: Settings, session: Session, principal: Principal, name: 
 
 
 def resolution(settings: Settings, session: Session, principal: Principal, row: ModelAlias) -> Resolution:
-    """Where an alias leads now, for this caller (a project key reaches only what its project may use)."""
+    """Where an alias leads now, for this caller (a project key reaches only what its project may
+    use, and learns nothing of a target outside its project: not its name, not its job)."""
+    hidden = Resolution(
+        "missing",
+        None,
+        f"The model `{row.name}` is an alias whose target does not exist or is not available to this project.",
+    )
     target = row.target
     if target.startswith(JOB_PREFIX):
         job = session.scalar(select(Job).where(Job.id == target, Job.organization_id == row.organization_id))
+        if job is not None and principal.project_id is not None and job.project_id != principal.project_id:
+            return hidden
         if job is None:
             return Resolution(
                 "missing",
@@ -91,6 +99,8 @@ def resolution(settings: Settings, session: Session, principal: Principal, row: 
         target = job.fine_tuned_model
     if _is_model(settings, session, principal, target):
         return Resolution("ready", target, None)
+    if principal.project_id is not None:
+        return hidden
     return Resolution(
         "missing",
         None,
