@@ -353,6 +353,10 @@ BAD_EXPORTS = {
         lambda f: _edit(f / "jobs.json", lambda d: d[0].update(color="red")),
         "jobs.json[0]: unknown field 'color'",
     ),
+    "wrong types": (
+        lambda f: _edit(f / "manifest.json", lambda d: d["files"][0].update(bytes="many")),
+        "manifest.json files[0]: 'bytes' must be int, got str",
+    ),
     "truncated file": (
         lambda f: (f / "files" / "file-train1.jsonl").write_text("{}\n"),
         "files/file-train1.jsonl has 3 bytes",

@@ -117,17 +117,53 @@ class Plan:
 # --- reading -------------------------------------------------------------------------------------
 
 
+# The type of each plain field wherever it appears (objects such as `method` are checked by the
+# API's own request models).
+TYPES: dict[str, type] = {
+    "format": str,
+    "version": int,
+    "exported_at": int,
+    "id": str,
+    "filename": str,
+    "purpose": str,
+    "bytes": int,
+    "created_at": int,
+    "model": str,
+    "fine_tuned_model": str,
+    "status": str,
+    "training_file": str,
+    "validation_file": str,
+    "suffix": str,
+    "seed": int,
+    "name": str,
+    "files": list,
+    "testing_criteria": list,
+    "data_source_config": dict,
+    "method": dict,
+    "metadata": dict,
+    "integrations": list,
+}
+
+
 def _keys(obj: Any, spec: dict[str, bool], where: str, problems: list[str]) -> bool:
+    """Whether `obj` is an object whose fields are all known, present when required and of their
+    type (every problem is added to `problems`)."""
     if not isinstance(obj, dict):
         problems.append(f"{where}: expected an object, got {type(obj).__name__}")
         return False
-    for k in obj:
+    ok = True
+    for k, v in obj.items():
         if k not in spec:
             problems.append(f"{where}: unknown field '{k}' (known: {', '.join(spec)})")
+            ok = False
+        elif v is not None and (not isinstance(v, TYPES[k]) or (TYPES[k] is int and isinstance(v, bool))):
+            problems.append(f"{where}: '{k}' must be {TYPES[k].__name__}, got {type(v).__name__}")
+            ok = False
     for k, required in spec.items():
         if required and obj.get(k) is None:
             problems.append(f"{where}: missing required field '{k}'")
-    return True
+            ok = False
+    return ok
 
 
 def _load(folder: Path, name: str, problems: list[str]) -> Any:
@@ -153,17 +189,17 @@ def read_export(folder: Path) -> Export:
     jobs = _load(folder, "jobs.json", problems)
     evals = _load(folder, "evals.json", problems)
     files: list[dict] = []
-    if manifest is not None and _keys(manifest, MANIFEST_KEYS, "manifest.json", problems):
+    if manifest is not None:
+        _keys(manifest, MANIFEST_KEYS, "manifest.json", problems)
+    if isinstance(manifest, dict):
         if manifest.get("format") != FORMAT:
             problems.append(f"manifest.json: 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
         if manifest.get("version") != VERSION:
             problems.append(f"manifest.json: 'version' {manifest.get('version')!r} is not supported (1 is)")
-        if not isinstance(manifest.get("files"), list):
-            problems.append("manifest.json: 'files' must be a list")
-        else:
+        if isinstance(manifest.get("files"), list):
             for i, f in enumerate(manifest["files"]):
                 where = f"manifest.json files[{i}]"
-                if _keys(f, FILE_KEYS, where, problems) and f.get("id") is not None:
+                if _keys(f, FILE_KEYS, where, problems):
                     files.append(f)
                     _check_file(folder, f, where, problems)
             seen = [f["id"] for f in files]
