@@ -29,8 +29,10 @@ def tiny_config(family: str, vocab_size: int, *, bos: int | None, eos: int | Non
         return transformers.LlamaConfig(**common)
     if family == "qwen2":  # q/k/v with bias
         return transformers.Qwen2Config(**common)
-    if family == "qwen3":  # q/k RMSNorm over the head dimension, an explicit head_dim
-        return transformers.Qwen3Config(**common, head_dim=32)
+    if family == "qwen3":  # q/k RMSNorm over the head dimension
+        # head_dim 128, as every Qwen3: transformers' GGUF loader assumes it (tests/api/
+        # test_base_models.py reads a GGUF export back), and it is wider than hidden / heads.
+        return transformers.Qwen3Config(**common, head_dim=128)
     if family == "mistral":
         return transformers.MistralConfig(**common, sliding_window=None)
     if family == "gemma":  # embeddings scaled by sqrt(hidden), (1 + w) RMSNorm, tanh-GeLU MLP

@@ -84,15 +84,12 @@ def test_listed_by_models_and_served(added, shared_server):
     assert {r["name"] for r in json.loads(listed.output)["registered"]} >= {f"my-{f}" for f in FAMILIES}
 
 
-def test_fine_tune_serve_and_export(added, shared_server, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from tunehouse.export import export_model
-
+@pytest.fixture(scope="module")
+def tuned(added, shared_server, tmp_path_factory) -> str:
+    """A fine-tuned model of the Qwen3 base added by the CLI, trained through the API."""
     client = shared_server.client()
-    train = client.files.create(
-        file=write_jsonl(tmp_path / "train.jsonl", arithmetic_lines(10)).open("rb"), purpose="fine-tune"
-    )
+    path = write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", arithmetic_lines(10))
+    train = client.files.create(file=path.open("rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
         model="my-qwen3",
         training_file=train.id,
@@ -101,17 +98,46 @@ def test_fine_tune_serve_and_export(added, shared_server, tmp_path):
     )
     job = wait_for_job(client, job.id)
     assert job.status == "succeeded", job.error
-    assert job.fine_tuned_model.startswith("ft:my-qwen3:")
+    return job.fine_tuned_model
+
+
+def test_fine_tune_serve_and_export(tuned, shared_server, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunehouse.export import export_model
+
+    assert tuned.startswith("ft:my-qwen3:")
+    client = shared_server.client()
     answer = client.chat.completions.create(
-        model=job.fine_tuned_model, messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=4
+        model=tuned, messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=4
     )
     assert answer.choices[0].message.content is not None
-    out = export_model(shared_server.settings, job.fine_tuned_model, tmp_path / "merged", merged=True)
+    out = export_model(shared_server.settings, tuned, tmp_path / "merged", merged=True)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "Qwen3ForCausalLM"
     # Removing a base that fine-tuned models are built on is refused.
     busy = cli("models", "remove", "my-qwen3", "--home", str(shared_server.settings.home))
     assert busy.exit_code != 0 and "in use" in busy.output
+
+
+def test_add_a_gguf_file(tuned, shared_server, tmp_path):
+    """The fine-tune exported as GGUF (llama.cpp's converter) comes back in as a base model of its own."""
+    from tunehouse.export import ExportError, export_model
+
+    try:
+        out = export_model(shared_server.settings, tuned, tmp_path / "gguf", format="gguf", outtype="f16")
+    except ExportError as e:
+        pytest.skip(f"no GGUF converter here: {e}")
+    gguf = next(out.glob("*.gguf"))
+    home = str(shared_server.settings.home)
+    result = cli("models", "add", str(gguf), "--name", "qwen3-from-gguf", "--home", home, "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)  # the converter's progress bars go to stderr
+    assert row["architecture"] == "Qwen3ForCausalLM" and row["source"] == str(gguf)
+    answer = shared_server.client().chat.completions.create(
+        model="qwen3-from-gguf", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert answer.model == "qwen3-from-gguf"
 
 
 def test_organizations_allowed(shared_server, tiny_family_dirs):

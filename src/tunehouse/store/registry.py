@@ -34,6 +34,7 @@ from tunehouse.config import Settings
 from tunehouse.errors import InvalidRequest, NotFound
 from tunehouse.hardware import resolve_dtype
 from tunehouse.store.catalog import DEFAULT_MODEL, convert_gguf
+from tunehouse.store.gguf_file import CorruptGGUF, check_gguf
 from tunehouse.store.job_status import ACTIVE
 from tunehouse.store.tables import Checkpoint, Job, RegisteredBaseModel
 
@@ -266,8 +267,12 @@ def add_model(
     try:
         if is_gguf:
             try:
+                check_gguf(source)  # a truncated or foreign file, said plainly
+            except CorruptGGUF as e:
+                raise ModelRejected(f"{source} cannot be read as a GGUF model: {e}", param="path") from None
+            try:
                 convert_gguf(source, staging)
-            except Exception as e:  # noqa: BLE001 - a corrupt, truncated or unknown GGUF
+            except Exception as e:  # noqa: BLE001 - an architecture transformers' GGUF loader lacks
                 raise ModelRejected(
                     f"{source} cannot be read as a GGUF model by transformers: {e}", param="path"
                 ) from None
