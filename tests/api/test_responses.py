@@ -2,8 +2,13 @@
 module: a response and its stored copy, the stream's events in OpenAI's order, conversation state
 (`previous_response_id`), function tools round trip, `text.format` json_schema, background runs with
 retrieve and cancel, delete, `input_items`, refused fields (each CreateResponse field of the spec is
-decided: honoured or refused naming it) and isolation between organizations. Every JSON answer is
-checked against the spec's schemas by tests/api/conftest.py; the streamed events here."""
+decided: honoured or refused naming it), isolation between organizations, a batch over
+/v1/responses and a fine-tuned model. Every JSON answer is checked against the spec's schemas by
+tests/api/conftest.py; the streamed events and the batch's bodies here.
+
+Time: ~60 s for all but the last two on a quiet 2-core VM (the first request pays the engine's
+warm-up); the batch (its job's process loads the engine) and the fine-tuning job add ~30-80 s
+each, SQLite pass only."""
 
 from __future__ import annotations
 
@@ -389,6 +394,7 @@ def test_honoured_details(client):
     assert len([i for i in r.output if i.type == "function_call"]) == 1
 
 
+@pytest.mark.one_database  # the queue and storage paths run on both databases in the tests above and test_batches
 def test_a_batch_over_responses_answers_as_the_endpoint_does(client):
     from tests.api.test_batches import file_lines, line, upload, wait_batch
 
@@ -444,6 +450,7 @@ def _essence(item: dict) -> tuple:
     return item["type"], item["content"][0]["text"], item["status"]
 
 
+@pytest.mark.one_database  # the queue and storage paths run on both databases in the tests above and test_batches
 def test_a_fine_tuned_model_answers_and_continues_a_conversation(client, tmp_path):
     from tests.api.conftest import arithmetic_lines, wait_for_job, write_jsonl
 
