@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,10 +235,19 @@ def _write_gguf(hf_dir: Path, out_file: Path, *, outtype: str, name: str) -> Non
     log.info("converting %s to GGUF (%s)", hf_dir, outtype)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=hf_dir)
     if done.returncode != 0 or not out_file.is_file():
-        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-        why = "\n".join(lines[-8:]) or f"exit status {done.returncode}"
-        unsupported = [ln for ln in lines if "is not supported" in ln]
-        raise ExportError(f"llama.cpp's GGUF converter failed: {unsupported[-1] if unsupported else why}")
+        raise ExportError(
+            f"llama.cpp's GGUF converter could not convert this model: {_converter_error(done)}"
+        )
+
+
+def _converter_error(done: subprocess.CompletedProcess) -> str:
+    """The line of the converter's output that says what went wrong: its exception or its error
+    log line (e.g. "Model Gemma3nForCausalLM is not supported"), else its last lines."""
+    lines = [ln.strip() for ln in (done.stdout + "\n" + done.stderr).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("ERROR:") or re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln):
+            return ln.split(":", 2)[-1].strip() if ln.startswith("ERROR:") else ln
+    return " / ".join(lines[-3:]) or f"exit status {done.returncode}"
 
 
 def _readme_gguf(row: Checkpoint, file: str, outtype: str) -> str:
