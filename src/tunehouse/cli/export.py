@@ -52,8 +52,9 @@ def export_cmd(
         typer.Option("--home", help="State folder (default: TUNEHOUSE_HOME or a per-user data dir)."),
     ] = None,
 ) -> None:
-    """Export a fine-tuned model: its LoRA adapter (default) or merged weights (a fully fine-tuned
-    model: its weights), with the tokenizer and the chat template it was trained with."""
+    """Export a fine-tuned model: its LoRA adapter (default), merged weights (a fully fine-tuned
+    model: its weights), or a GGUF file of the merged weights for llama.cpp and Ollama, with the
+    tokenizer and the chat template it was trained with."""
     import logging
 
     from tunehouse.config import Settings
