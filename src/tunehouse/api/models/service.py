@@ -30,10 +30,10 @@ def list_models(state: AppState, session: Session, *, principal: Principal) -> M
 
 
 def retrieve_model(state: AppState, session: Session, *, principal: Principal, model: str) -> Model:
-    if is_base_model(state.settings, model, session=session, organization_id=principal.organization_id):
-        base = resolve_base_model(
-            state.settings, model, session=session, organization_id=principal.organization_id
-        )
+    # Looked up in the list, not resolved: resolving the default model would convert it (seconds).
+    bases = base_model_entries(state.settings, session=session, organization_id=principal.organization_id)
+    base = next((b for b in bases if b.name == model), None)
+    if base is not None:
         return Model(id=model, created=base.created, owned_by=base.owned_by)
     row = usable_checkpoint(session, principal, model)
     if row is None:
