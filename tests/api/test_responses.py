@@ -18,7 +18,7 @@ import time
 import openai
 import pytest
 
-from tests.api.conftest import create_org_key
+from tests.api.conftest import create_org_key, create_tenant_key
 from tests.api.openapi_wire import check, request_fields
 from tests.conftest import TINY_MODEL
 
@@ -311,6 +311,18 @@ def test_isolation_between_organizations(client, shared_server):
         create(theirs, previous_response_id=mine.id)
     assert e.value.body["param"] == "previous_response_id"
     assert client.responses.retrieve(mine.id).id == mine.id
+
+    # projects: a project's keys see its responses only; deleting the project deletes them
+    settings = shared_server.settings
+    web_key, web = create_tenant_key(settings, org="default", project="web")
+    app_key, _ = create_tenant_key(settings, org="default", project="app")
+    made = create(shared_server.client(web_key))
+    assert client.responses.retrieve(made.id).id == made.id  # the organization's admin key
+    with pytest.raises(openai.NotFoundError):
+        shared_server.client(app_key).responses.retrieve(made.id)
+    assert shared_server.http().delete(f"/v1/organization/projects/{web}").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made.id)
 
 
 # Each field of the spec's CreateResponse: honoured (tested above or here) or refused naming it.
