@@ -100,6 +100,9 @@ def make_settings(home: Path, tiny_model_dir: Path, database_url: str | None) ->
         # Fine-tuning jobs skip the forgetting and safety checks unless a test asks for them
         # (evaluation.general_checks): they would add an engine load and two generations to each.
         general_checks=False,
+        # No throughput probe before each fresh home's first job (seconds each); the tests of the
+        # estimate (tests/api/test_export_gguf.py) turn it on.
+        throughput_probe=False,
         job_retry_seconds=0.5,  # retries back off 0.5 s, 1 s, 2 s, ... (5 s, 10 s, ... by default)
     )
 

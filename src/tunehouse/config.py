@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         description="After training, run the forgetting and safety checks (evals/checks.py) on the "
         "starting model and the fine-tune (a job's evaluation.general_checks overrides this).",
     )
+    throughput_probe: bool = Field(
+        default=True,
+        description="Before the first job of a base model on this machine, measure its training speed "
+        "with a few steps on random tokens (training/throughput.py), so time estimates work from the start.",
+    )
     inference_max_adapters: int = Field(default=8, description="Fine-tuned adapters kept loaded at once.")
     inference_prefix_cache_mb: int = Field(
         default=256,

@@ -21,8 +21,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.api.conftest import arithmetic_lines, create_tenant_key, write_jsonl
-from tests.conftest import TINY_MODEL
+from tests.api.conftest import LiveServer, arithmetic_lines, create_tenant_key, write_jsonl
+from tests.conftest import TINY_MODEL, fresh_database, make_settings
 from tunehouse.export import gguf_converter
 from tunehouse.store.gguf_file import CorruptGGUF, check_gguf
 
@@ -38,6 +38,17 @@ def _converter_installed() -> bool:
     except Exception:
         return False
     return True
+
+
+@pytest.fixture(scope="module")
+def shared_server(tiny_model_dir, tmp_path_factory):
+    """A fresh server with the throughput probe on (tests/conftest.py turns it off elsewhere)."""
+    home = tmp_path_factory.mktemp("home")
+    with fresh_database(home) as url:
+        settings = make_settings(home, tiny_model_dir, url)
+        settings.throughput_probe = True
+        with LiveServer(settings) as live:
+            yield live
 
 
 @pytest.fixture(scope="module")

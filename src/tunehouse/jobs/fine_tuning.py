@@ -108,7 +108,7 @@ def validate(ctx: JobContext) -> None:
     # The time estimate needs this machine's training speed on this base: on a fresh install
     # (no job of this base finished here yet) a short probe measures it once (training/throughput.py).
     tokens_per_second = throughput.tokens_per_second(ctx.settings.home, job.base_model)
-    if tokens_per_second is None:
+    if tokens_per_second is None and ctx.settings.throughput_probe:
         with ctx.db.transaction() as s:
             add_event(
                 s, job.id, f"Measuring this machine's training speed on {job.base_model} (once, a few steps)"
