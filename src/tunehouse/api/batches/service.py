@@ -39,7 +39,7 @@ from tunehouse.api.errors import _loc_to_param
 from tunehouse.api.files.service import get_file_row
 from tunehouse.api.models.service import resolve_for_inference
 from tunehouse.api.pagination import page
-from tunehouse.api.responses import service as responses
+from tunehouse.api.responses import checks as responses
 from tunehouse.api.responses import store as stored_responses
 from tunehouse.api.responses.protocol import CreateResponseRequest, response_object
 from tunehouse.api.state import AppState

@@ -2,7 +2,7 @@
 
 The request takes exactly the fields of OpenAI's `CreateResponse`: any other field is a 400 naming
 it. Which ones are honoured, and which are refused with a 400 naming them (hosted tools, reasoning,
-conversations, prompt templates, ...), is `api/responses/service.py`'s `check_request`. Input items,
+conversations, prompt templates, ...), is `api/responses/checks.py`'s `check_request`. Input items,
 tools and `text.format` stay plain JSON here: the service checks them item by item, so that an
 error names the exact place (`input[2].content[0].type`).
 
