@@ -70,7 +70,7 @@ def trained(shared_server, tmp_path_factory):
         seen.append((j.status, j.estimated_finish))
         if j.status in ("succeeded", "failed", "cancelled"):
             break
-        time.sleep(0.2)
+        time.sleep(0.1)  # training the tiny model takes a few seconds on a quiet machine
     assert j.status == "succeeded", j.error
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
     return j, seen, events
