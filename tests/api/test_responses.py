@@ -13,14 +13,18 @@ each, SQLite pass only."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import openai
 import pytest
 
-from tests.api.conftest import create_org_key, create_tenant_key
+from tests.api.conftest import LiveServer, create_org_key, create_tenant_key, free_port
 from tests.api.openapi_wire import check, request_fields
-from tests.conftest import TINY_MODEL
+from tests.conftest import MODELS_DIR, TINY_MODEL
 
 ADD = {
     "type": "function",
@@ -483,3 +487,48 @@ def test_a_fine_tuned_model_answers_and_continues_a_conversation(client, tmp_pat
     assert ft.usage.input_tokens > base.usage.input_tokens + base.usage.output_tokens
     events = _events(create(client, model=job.fine_tuned_model, stream=True))
     assert events[-1].response.model == job.fine_tuned_model and events[-1].response.output_text
+
+
+@pytest.mark.one_database  # what it checks is the lease, written the same on either database
+def test_a_background_response_whose_server_died_fails_instead_of_staying_in_progress(settings):
+    """A background response runs in the server process that accepted it. That process killed with
+    -9 stops renewing the response's lease; once it lapses, the next read fails the response with
+    a server_error instead of answering `in_progress` for ever."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEHOUSE_")}
+    env.update(
+        TUNEHOUSE_MODELS_DIR=str(MODELS_DIR),
+        TUNEHOUSE_BASE_MODELS=json.dumps({TINY_MODEL: str(settings.base_models[TINY_MODEL])}),
+        TUNEHOUSE_ADMIN_KEY=settings.admin_key,
+        TUNEHOUSE_LEASE_SECONDS="2",
+        **({"TUNEHOUSE_DATABASE_URL": settings.database_url} if settings.database_url else {}),
+    )
+    cmd = [sys.executable, "-m", "tunehouse", "serve", "--port", str(port), "--home", str(settings.home)]
+    proc = subprocess.Popen([*cmd, "--no-worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        dying = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=settings.admin_key, max_retries=0
+        )
+        deadline = time.time() + 120
+        while True:
+            try:
+                dying.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode()
+                time.sleep(0.2)
+        response = create(dying, background=True, max_output_tokens=1500, temperature=1)
+        assert response.status in ("queued", "in_progress")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    settings.lease_seconds = 2
+    with LiveServer(settings) as live:
+        client = live.client()
+        assert client.responses.retrieve(response.id).status == "in_progress"  # its lease still runs
+        time.sleep(2.5)
+        failed = client.responses.retrieve(response.id)
+        assert failed.status == "failed" and failed.error.code == "server_error", failed
+        assert "stopped before it finished" in failed.error.message
+        with pytest.raises(openai.BadRequestError):
+            client.responses.cancel(response.id)  # an end is final

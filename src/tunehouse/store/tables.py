@@ -587,6 +587,9 @@ class StoredResponse(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     input_items: Mapped[list[Any]] = mapped_column(JSON)
     response: Mapped[dict[str, Any]] = mapped_column(JSON)  # the Response object, as answered
+    # A background response's lease: the server process generating it renews it; a reader that finds
+    # it lapsed while the response is still in progress knows that process is gone and fails it.
+    lease_until: Mapped[float | None] = mapped_column(Float)
 
 
 class RegisteredBaseModel(Base):

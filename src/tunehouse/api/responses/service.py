@@ -118,9 +118,15 @@ class Run:
             tool_names(self.plan), max_calls=self.plan.max_calls, logprobs=self.plan.logprobs
         )
 
-    def save(self, response: dict) -> None:
+    def save(self, response: dict, *, lease_until: float | None = None) -> None:
         with self.state.db.transaction() as s:
-            store.save(s, principal=self.principal, response=response, input_items=self.items)
+            store.save(
+                s,
+                principal=self.principal,
+                response=response,
+                input_items=self.items,
+                lease_until=lease_until,
+            )
 
 
 async def prepare(state, session, principal, engine, model: ModelRef, req: CreateResponseRequest) -> Run:
@@ -211,8 +217,9 @@ async def start_background(run: Run, registry: dict[str, asyncio.Task]) -> dict:
     and finish it in a task; `retrieve` reads the stored row, `cancel` cancels the task."""
     gen = await run.start()
     response = run.response("in_progress")
+    lease = run.state.settings.lease_seconds
     try:
-        await run_in_threadpool(run.save, response)
+        await run_in_threadpool(lambda: run.save(response, lease_until=time.time() + lease))
     except BaseException:
         gen.close()
         raise
@@ -224,6 +231,7 @@ async def start_background(run: Run, registry: dict[str, asyncio.Task]) -> dict:
 
 async def _background(run: Run, gen: serving.Generation) -> None:
     builder = run.builder()
+    heartbeat = asyncio.create_task(_renew_lease(run))
     try:
         usage = await serving.collect(gen, lambda _, item: builder.feed(item))
         builder.finish()
@@ -240,7 +248,27 @@ async def _background(run: Run, gen: serving.Generation) -> None:
         response = run.response(
             "failed", output=builder.output(), error={"code": "server_error", "message": message}
         )
+    finally:
+        heartbeat.cancel()
     await _update(run, response)
+
+
+async def _renew_lease(run: Run) -> None:
+    """Renew the row's lease (settings.lease_seconds, as job workers renew theirs) while this
+    process generates: if the process dies, the lease lapses and the next reader fails the
+    response instead of it staying in progress for ever."""
+    lease = run.state.settings.lease_seconds
+    while True:
+        await asyncio.sleep(lease / 3)
+        try:
+            await run_in_threadpool(_renew_row, run, time.time() + lease)
+        except Exception:
+            log.exception("could not renew the lease of background response %s", run.id)
+
+
+def _renew_row(run: Run, until: float) -> None:
+    with run.state.db.transaction() as s:
+        store.renew(s, response_id=run.id, lease_until=until)
 
 
 async def _update(run: Run, response: dict) -> None:

@@ -5,6 +5,8 @@ another organization gets 404."""
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,8 +16,23 @@ from tunehouse.store.tables import StoredResponse
 from tunehouse.tenancy.auth import Principal
 from tunehouse.tenancy.scope import scoped
 
+# What a background response says when the server process generating it stopped (killed, restarted)
+# before it finished: nobody is left to finish it, so the first reader after its lease lapsed fails it.
+ORPHANED = {
+    "code": "server_error",
+    "message": "The server process generating this background response stopped before it finished; "
+    "create the response again.",
+}
 
-def save(session: Session, *, principal: Principal, response: dict, input_items: list[dict]) -> None:
+
+def save(
+    session: Session,
+    *,
+    principal: Principal,
+    response: dict,
+    input_items: list[dict],
+    lease_until: float | None = None,
+) -> None:
     session.add(
         StoredResponse(
             id=response["id"],
@@ -26,22 +43,42 @@ def save(session: Session, *, principal: Principal, response: dict, input_items:
             created_at=response["created_at"],
             input_items=input_items,
             response=response,
+            lease_until=lease_until,
         )
     )
+
+
+def renew(session: Session, *, response_id: str, lease_until: float) -> None:
+    row = session.scalar(select(StoredResponse).where(StoredResponse.id == response_id))
+    if row is not None and row.status in ("queued", "in_progress"):
+        row.lease_until = lease_until
+
+
+def _settle(session: Session, row: StoredResponse) -> StoredResponse:
+    """Fail a background response still in progress whose lease lapsed (see ORPHANED)."""
+    if (
+        row.status in ("queued", "in_progress")
+        and row.lease_until is not None
+        and row.lease_until < time.time()
+    ):
+        row.status = "failed"
+        row.response = {**row.response, "status": "failed", "error": ORPHANED}
+        session.commit()
+    return row
 
 
 def get_row(session: Session, *, principal: Principal, response_id: str) -> StoredResponse:
     row = session.scalar(scoped(StoredResponse, principal).where(StoredResponse.id == response_id))
     if row is None:
         raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
-    return row
+    return _settle(session, row)
 
 
 def finish(session: Session, *, response_id: str, response: dict) -> None:
-    """A background response's end (completed, failed, cancelled), unless it was cancelled (or
-    deleted) meanwhile: a cancel wins over a generation that ended after it."""
+    """A background response's end (completed, failed, cancelled), unless it ended meanwhile
+    (cancelled, or failed by a reader who found its lease lapsed) or was deleted: an end is final."""
     row = session.scalar(select(StoredResponse).where(StoredResponse.id == response_id).with_for_update())
-    if row is None or row.status == "cancelled":
+    if row is None or row.status not in ("queued", "in_progress"):
         return
     row.status = response["status"]
     row.response = response
@@ -56,6 +93,7 @@ def conversation(session: Session, *, principal: Principal, response_id: str) ->
             param="previous_response_id",
             code="previous_response_not_found",
         )
+    row = _settle(session, row)
     if row.status in ("queued", "in_progress"):
         raise InvalidRequest(
             f"Previous response with id '{response_id}' is still in progress; wait until it has finished.",

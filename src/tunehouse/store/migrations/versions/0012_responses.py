@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.Column("input_items", sa.JSON(), nullable=False),
         sa.Column("response", sa.JSON(), nullable=False),
+        sa.Column("lease_until", sa.Float(), nullable=True),
         sa.ForeignKeyConstraint(["organization_id"], ["organizations.id"], ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["project_id"], ["projects.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("seq"),
