@@ -570,9 +570,13 @@ def _base_info(settings, session: Session, base: str, org_id: str) -> _Base:
         tokenizer=AutoTokenizer.from_pretrained(entry.path),
         context_length=context_length_for(entry.path),
         price=price_for(settings, base).training,
-        # What jobs on this base measured here, else a short probe (once per home): a time
-        # estimate on a fresh install too.
-        tokens_per_second=throughput.ensure_measured(settings.home, base, entry.path, dtype=settings.dtype),
+        # What jobs on this base measured here, else a short probe (once per home, unless
+        # TUNEHOUSE_THROUGHPUT_PROBE turns it off): a time estimate on a fresh install too.
+        tokens_per_second=(
+            throughput.ensure_measured(settings.home, base, entry.path, dtype=settings.dtype)
+            if settings.throughput_probe
+            else throughput.tokens_per_second(settings.home, base)
+        ),
     )
 
 
