@@ -65,12 +65,22 @@ ROUTES = [
     ("get", "/responses/{response_id}"),
     ("post", "/responses/{response_id}/cancel"),
     ("get", "/responses/{response_id}/input_items"),
+    ("post", "/batches"),
+    ("get", "/batches"),
+    ("get", "/batches/{batch_id}"),
+    ("post", "/batches/{batch_id}/cancel"),
 ]
 REQUESTS = [
     "CreateChatCompletionRequest",
     "CreateCompletionRequest",
     "CreateFineTuningJobRequest",
     "CreateResponse",
+    "CreateBatchRequest",
+    "CreateFileRequest",
+    "CreateUploadRequest",
+    "AddUploadPartRequest",
+    "CompleteUploadRequest",
+    "CreateFineTuningCheckpointPermissionRequest",
 ]
 EXTRA = ["CreateChatCompletionStreamResponse", "ResponseStreamEvent"]
 
@@ -85,6 +95,7 @@ RELAXED_NULLABLE: dict[str, list[str]] = {
     "ChatCompletionList": ["first_id", "last_id"],
     "ChatCompletionMessageList": ["first_id", "last_id"],
     "ResponseItemList": ["first_id", "last_id"],
+    "ListBatchesResponse": ["first_id", "last_id"],
     "FineTuningJob": ["hyperparameters"],
 }
 # - FineTuningJob `status` "paused": OpenAI's pause endpoint answers it (REFERENCE.md), the spec's

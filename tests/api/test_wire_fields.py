@@ -518,6 +518,44 @@ def test_fine_tuning_job_fields(client):
 
 
 # --------------------------------------------------------------------------------------------------
+# Batches, files, uploads and checkpoint permissions: the spec's request fields, nothing else
+
+
+def test_batch_file_upload_and_permission_requests_take_the_spec_fields(shared_server):
+    from tunehouse.api.batches.protocol import CreateBatchRequest
+    from tunehouse.api.organization.protocol import CheckpointPermissionCreateRequest
+    from tunehouse.api.uploads.protocol import CompleteUploadRequest, CreateUploadRequest
+
+    assert set(CreateBatchRequest.model_fields) == request_fields("CreateBatchRequest")
+    assert set(CreateUploadRequest.model_fields) == request_fields("CreateUploadRequest")
+    assert set(CompleteUploadRequest.model_fields) == request_fields("CompleteUploadRequest")
+    assert set(CheckpointPermissionCreateRequest.model_fields) == request_fields(
+        "CreateFineTuningCheckpointPermissionRequest"
+    )
+    assert request_fields("CreateFileRequest") == {"file", "purpose", "expires_after"}
+    assert request_fields("AddUploadPartRequest") == {"data"}
+    # A field outside them is refused with its name, on each endpoint.
+    http = shared_server.http()
+    for path, body in (
+        (
+            "/v1/batches",
+            {"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        ),
+        (
+            "/v1/uploads",
+            {"filename": "a.jsonl", "purpose": "fine-tune", "bytes": 1, "mime_type": "text/jsonl"},
+        ),
+        ("/v1/fine_tuning/checkpoints/ft:x:ckpt-step-1/permissions", {"project_ids": ["proj_x"]}),
+    ):
+        r = http.post(path, json={**body, "colour": "blue"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "colour", (path, r.text)
+    r = http.post(
+        "/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "fine-tune", "colour": "blue"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "colour", r.text
+
+
+# --------------------------------------------------------------------------------------------------
 # Streamed chunks, as sent (the SDK's objects hide a null): each one OpenAI's chunk schema
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class OutputExpiresAfter(BaseModel):
@@ -83,6 +83,15 @@ class Batch(BaseModel):
     request_counts: BatchRequestCounts
     usage: BatchUsage
     metadata: dict[str, Any] | None
+
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler):
+        """A time, file or error not (yet) there is left out: the spec's Batch has these fields
+        optional and never null (only `metadata` may be null)."""
+        out = handler(self)
+        for key in [k for k, v in out.items() if v is None and k != "metadata"]:
+            del out[key]
+        return out
 
 
 class BatchList(BaseModel):
