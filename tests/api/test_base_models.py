@@ -101,6 +101,7 @@ def tuned(added, shared_server, tmp_path_factory) -> str:
     return job.fine_tuned_model
 
 
+@pytest.mark.one_database  # checks training and export, the same on either database
 def test_fine_tune_serve_and_export(tuned, shared_server, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -120,6 +121,7 @@ def test_fine_tune_serve_and_export(tuned, shared_server, tmp_path):
     assert busy.exit_code != 0 and "in use" in busy.output
 
 
+@pytest.mark.one_database  # checks training and export, the same on either database
 def test_add_a_gguf_file(tuned, shared_server, tmp_path):
     """The fine-tune exported as GGUF (llama.cpp's converter) comes back in as a base model of its own."""
     from tunehouse.export import ExportError, export_model

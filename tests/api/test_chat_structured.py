@@ -9,6 +9,9 @@ import pytest
 from tests.conftest import TINY_MODEL
 from tests.inference.test_constrained import SCHEMA, validate
 
+# Constrained decoding and tool calls: the same on either database (PostgreSQL pass skips them).
+pytestmark = pytest.mark.one_database
+
 MESSAGES = [{"role": "user", "content": "Classify this in JSON."}]
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
 

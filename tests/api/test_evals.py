@@ -625,6 +625,7 @@ def test_deleting_a_project_deletes_its_evals_runs_and_items(live):
 # Model graders: the criteria's models answer too, through the run's engine
 
 
+@pytest.mark.one_database  # checks sampling and counting tokens, the same on either database
 def test_model_graders_sample_their_model_and_are_counted(live):
     key = new_project(live, "model-graders")
     client = live.client(key)

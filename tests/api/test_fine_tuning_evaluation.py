@@ -42,6 +42,7 @@ def judged(shared_server, tmp_path_factory):
     return client, job
 
 
+@pytest.mark.one_database  # checks the scores, the same on either database
 def test_checkpoints_carry_validation_scores_beside_the_base(judged):
     client, job = judged
     evaluation = job.model_extra["evaluation"]

@@ -53,6 +53,7 @@ def _create(client, tmp_path, **kw):
     )
 
 
+@pytest.mark.one_database  # checks training, the same on either database
 def test_pause_and_resume_continue_the_same_loss_curve(server, client, tmp_path):
     reference = wait_for_job(client, _create(client, tmp_path).id)
     assert reference.status == "succeeded"
@@ -84,6 +85,7 @@ def test_pause_and_resume_continue_the_same_loss_curve(server, client, tmp_path)
         client.fine_tuning.jobs.resume(job.id)
 
 
+@pytest.mark.one_database  # checks training, the same on either database
 def test_continue_training_from_a_fine_tuned_model(server, client, tmp_path):
     first = wait_for_job(client, _create(client, tmp_path).id)
     second = _create(client, tmp_path, model=first.fine_tuned_model, suffix="more")
@@ -128,6 +130,7 @@ GREETING_PAIRS = [
 ]
 
 
+@pytest.mark.one_database  # checks training, the same on either database
 def test_dpo_job_on_preference_data(server, client, tmp_path):
     f = client.files.create(
         file=write_jsonl(tmp_path / "pref.jsonl", GREETING_PAIRS).open("rb"), purpose="fine-tune"
@@ -194,6 +197,7 @@ def _greedy_transformers(folder, messages, max_tokens):
     return tokenizer.decode(new[:n], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+@pytest.mark.one_database  # checks training, the same on either database
 def test_full_fine_tuning_end_to_end(settings, tmp_path):
     from tunehouse.export import export_model
 
@@ -258,6 +262,7 @@ def test_full_fine_tuning_end_to_end(settings, tmp_path):
         assert e.value.body["param"] == "method.supervised.hyperparameters.fine_tuning_type"
 
 
+@pytest.mark.one_database  # checks training, the same on either database
 def test_dpo_from_a_fine_tuned_model(server, client, tmp_path):
     chat = client.files.create(file=write_jsonl(tmp_path / "t.jsonl", SHORT).open("rb"), purpose="fine-tune")
     sft = client.fine_tuning.jobs.create(
