@@ -95,28 +95,7 @@ class OutputBuilder:
                 self.pending_logprobs += logprobs
                 return events
             events += self._close("completed")
-            item = {
-                "id": ids.response_item_id("msg"),
-                "type": "message",
-                "status": "in_progress",
-                "content": [],
-                "role": "assistant",
-            }
-            self.items.append(item)
-            self.open = item
-            index = len(self.items) - 1
-            events.append({"type": "response.output_item.added", "output_index": index, "item": _copy(item)})
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            events.append(
-                {
-                    "type": "response.content_part.added",
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "content_index": 0,
-                    "part": dict(part),
-                }
-            )
-            item["content"].append(part)
+            events += self._open_message()
             text, logprobs = self.pending + text, self.pending_logprobs + logprobs
             self.pending, self.pending_logprobs = "", []
         item = self.open
@@ -197,9 +176,8 @@ class OutputBuilder:
         events += self._close(self.item_status)
         return events
 
-    def _text_forced(self) -> list[dict]:
-        text, self.pending = self.pending, ""
-        logprobs, self.pending_logprobs = self.pending_logprobs, []
+    def _open_message(self) -> list[dict]:
+        """A new assistant message item with one empty output_text part, and its two events."""
         item = {
             "id": ids.response_item_id("msg"),
             "type": "message",
@@ -209,25 +187,34 @@ class OutputBuilder:
         }
         self.items.append(item)
         self.open = item
+        index = len(self.items) - 1
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         events = [
-            {"type": "response.output_item.added", "output_index": 0, "item": _copy(item)},
+            {"type": "response.output_item.added", "output_index": index, "item": _copy(item)},
             {
                 "type": "response.content_part.added",
                 "item_id": item["id"],
-                "output_index": 0,
+                "output_index": index,
                 "content_index": 0,
                 "part": dict(part),
             },
         ]
         item["content"].append(part)
+        return events
+
+    def _text_forced(self) -> list[dict]:
+        text, self.pending = self.pending, ""
+        logprobs, self.pending_logprobs = self.pending_logprobs, []
+        events = self._open_message()
+        item, index = self.open, len(self.items) - 1
+        part = item["content"][0]
         part["text"], part["logprobs"] = text, logprobs
         if text:
             events.append(
                 {
                     "type": "response.output_text.delta",
                     "item_id": item["id"],
-                    "output_index": 0,
+                    "output_index": index,
                     "content_index": 0,
                     "delta": text,
                     "logprobs": logprobs,

@@ -43,6 +43,35 @@ def _unsupported(param: str, what: str) -> InvalidRequest:
     )
 
 
+def check_prompt_cache(retention: str | None, options: dict | None) -> None:
+    """`prompt_cache_retention` and `prompt_cache_options` (chat and responses): the server's prompt
+    cache is in memory and implicit, so only what describes that is taken."""
+    if retention == "24h":
+        raise _unsupported(
+            "prompt_cache_retention",
+            "'24h' is not supported by this server: its prompt cache is in memory only ('in_memory').",
+        )
+    opts = options or {}
+    for key in opts:
+        if key not in ("ttl", "mode"):
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: 'prompt_cache_options.{key}'.",
+                param=f"prompt_cache_options.{key}",
+                code="unknown_parameter",
+            )
+    if opts.get("ttl") not in (None, "30m"):
+        raise InvalidRequest(
+            f"Invalid value for 'prompt_cache_options.ttl': {opts['ttl']!r}. Supported values are: '30m'.",
+            param="prompt_cache_options.ttl",
+            code="invalid_value",
+        )
+    if opts.get("mode") not in (None, "implicit"):
+        raise _unsupported(
+            "prompt_cache_options.mode",
+            f"{opts['mode']!r} is not supported by this server: its prompt cache is implicit only.",
+        )
+
+
 def check_metadata(metadata: dict[str, str] | None) -> None:
     """OpenAI's Metadata: at most 16 pairs, keys up to 64 characters, values up to 512."""
     if metadata is None:
@@ -92,30 +121,7 @@ def check_refused(req: ChatCompletionRequest) -> None:
         )
     if req.verbosity not in (None, "medium"):
         raise _unsupported("verbosity", "other than 'medium' (the default) is not supported by this server.")
-    if req.prompt_cache_retention == "24h":
-        raise _unsupported(
-            "prompt_cache_retention",
-            "'24h' is not supported by this server: its prompt cache is in memory only ('in_memory').",
-        )
-    opts = req.prompt_cache_options or {}
-    for key in opts:
-        if key not in ("ttl", "mode"):
-            raise InvalidRequest(
-                f"Unrecognized request argument supplied: 'prompt_cache_options.{key}'.",
-                param=f"prompt_cache_options.{key}",
-                code="unknown_parameter",
-            )
-    if opts.get("ttl") not in (None, "30m"):
-        raise InvalidRequest(
-            f"Invalid value for 'prompt_cache_options.ttl': {opts['ttl']!r}. Supported values are: '30m'.",
-            param="prompt_cache_options.ttl",
-            code="invalid_value",
-        )
-    if opts.get("mode") not in (None, "implicit"):
-        raise _unsupported(
-            "prompt_cache_options.mode",
-            f"{opts['mode']!r} is not supported by this server: its prompt cache is implicit only.",
-        )
+    check_prompt_cache(req.prompt_cache_retention, req.prompt_cache_options)
 
 
 _TOOL_PARAMS = re.compile(r"tools\[(\d+)\]\.function|tools|tool_choice")

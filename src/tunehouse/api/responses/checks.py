@@ -89,25 +89,7 @@ def check_refused(req: CreateResponseRequest) -> None:
         raise _invalid(
             "store", "Invalid value for 'store': background responses must be stored (store: true)."
         )
-    if req.prompt_cache_retention == "24h":
-        raise _unsupported(
-            "prompt_cache_retention",
-            "'24h' is not supported by this server: its prompt cache is in memory only ('in_memory').",
-        )
-    opts = req.prompt_cache_options or {}
-    for key in opts:
-        if key not in ("ttl", "mode"):
-            raise _unknown(f"prompt_cache_options.{key}")
-    if opts.get("ttl") not in (None, "30m"):
-        raise _invalid(
-            "prompt_cache_options.ttl",
-            f"Invalid value for 'prompt_cache_options.ttl': {opts['ttl']!r}. Supported values are: '30m'.",
-        )
-    if opts.get("mode") not in (None, "implicit"):
-        raise _unsupported(
-            "prompt_cache_options.mode",
-            f"{opts['mode']!r} is not supported by this server: its prompt cache is implicit only.",
-        )
+    chat.check_prompt_cache(req.prompt_cache_retention, req.prompt_cache_options)
     for key in req.stream_options or {}:
         if key != "include_obfuscation":
             raise _unknown(f"stream_options.{key}")
