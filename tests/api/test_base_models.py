@@ -15,7 +15,14 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
-from tests.api.conftest import LiveServer, arithmetic_lines, create_org_key, wait_for_job, write_jsonl
+from tests.api.conftest import (
+    NEEDS_CONVERTER,
+    LiveServer,
+    arithmetic_lines,
+    create_org_key,
+    wait_for_job,
+    write_jsonl,
+)
 from tests.tiny_families import FAMILIES
 
 runner = CliRunner()
@@ -122,14 +129,12 @@ def test_fine_tune_serve_and_export(tuned, shared_server, tmp_path):
 
 
 @pytest.mark.one_database  # checks training and export, the same on either database
+@NEEDS_CONVERTER
 def test_add_a_gguf_file(tuned, shared_server, tmp_path):
     """The fine-tune exported as GGUF (llama.cpp's converter) comes back in as a base model of its own."""
-    from tunehouse.export import ExportError, export_model
+    from tunehouse.export import export_model
 
-    try:
-        out = export_model(shared_server.settings, tuned, tmp_path / "gguf", format="gguf", outtype="f16")
-    except ExportError as e:
-        pytest.skip(f"no GGUF converter here: {e}")
+    out = export_model(shared_server.settings, tuned, tmp_path / "gguf", format="gguf", outtype="f16")
     gguf = next(out.glob("*.gguf"))
     home = str(shared_server.settings.home)
     result = cli("models", "add", str(gguf), "--name", "qwen3-from-gguf", "--home", home, "--json")

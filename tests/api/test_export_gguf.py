@@ -21,23 +21,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.api.conftest import LiveServer, arithmetic_lines, create_tenant_key, write_jsonl
+from tests.api.conftest import NEEDS_CONVERTER, LiveServer, arithmetic_lines, create_tenant_key, write_jsonl
 from tests.conftest import TINY_MODEL, fresh_database, make_settings
-from tunehouse.export import gguf_converter
 from tunehouse.store.gguf_file import CorruptGGUF, check_gguf
 
 pytestmark = pytest.mark.timeout(300)
 
 # Token ids to compare logits on: a chat prompt of the tiny model's (SmolLM2's) tokenizer.
 MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}]
-
-
-def _converter_installed() -> bool:
-    try:
-        gguf_converter()
-    except Exception:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +115,6 @@ def _gguf_logits(folder: Path, name: str, tokenizer) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return _logits(model, tokenizer)
-
-
-NEEDS_CONVERTER = pytest.mark.skipif(
-    not _converter_installed(), reason="llama.cpp's converter is not installed (scripts/setup.sh)"
-)
 
 
 @pytest.mark.one_database
