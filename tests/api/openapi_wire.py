@@ -69,6 +69,35 @@ ROUTES = [
     ("get", "/batches"),
     ("get", "/batches/{batch_id}"),
     ("post", "/batches/{batch_id}/cancel"),
+    ("post", "/fine_tuning/alpha/graders/run"),
+    ("post", "/fine_tuning/alpha/graders/validate"),
+    ("post", "/evals"),
+    ("get", "/evals"),
+    ("get", "/evals/{eval_id}"),
+    ("post", "/evals/{eval_id}"),
+    ("delete", "/evals/{eval_id}"),
+    ("post", "/evals/{eval_id}/runs"),
+    ("get", "/evals/{eval_id}/runs"),
+    ("get", "/evals/{eval_id}/runs/{run_id}"),
+    ("post", "/evals/{eval_id}/runs/{run_id}"),
+    ("delete", "/evals/{eval_id}/runs/{run_id}"),
+    ("get", "/evals/{eval_id}/runs/{run_id}/output_items"),
+    ("get", "/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"),
+    ("get", "/organization/admin_api_keys"),
+    ("post", "/organization/admin_api_keys"),
+    ("get", "/organization/admin_api_keys/{key_id}"),
+    ("delete", "/organization/admin_api_keys/{key_id}"),
+    ("get", "/organization/projects"),
+    ("post", "/organization/projects"),
+    ("get", "/organization/projects/{project_id}"),
+    ("post", "/organization/projects/{project_id}"),
+    ("post", "/organization/projects/{project_id}/archive"),
+    ("get", "/organization/projects/{project_id}/api_keys"),
+    ("get", "/organization/projects/{project_id}/api_keys/{api_key_id}"),
+    ("delete", "/organization/projects/{project_id}/api_keys/{api_key_id}"),
+    ("get", "/organization/audit_logs"),
+    ("get", "/organization/costs"),
+    ("get", "/organization/usage/completions"),
 ]
 REQUESTS = [
     "CreateChatCompletionRequest",
@@ -154,7 +183,8 @@ def extract(spec_path: str) -> dict:
     schemas = spec["components"]["schemas"]
     routes = {}
     for method, path in ROUTES:
-        content = spec["paths"][path][method]["responses"]["200"]["content"]
+        responses = spec["paths"][path][method]["responses"]
+        content = (responses.get("200") or responses["201"])["content"]  # created: 201 in the spec
         ref = content["application/json"]["schema"]["$ref"]
         routes[f"{method.upper()} {path}"] = ref.rsplit("/", 1)[1]
     wanted, todo = set(), [*routes.values(), *REQUESTS, *EXTRA]
