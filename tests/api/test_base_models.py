@@ -34,6 +34,15 @@ def cli(*args: str):
     return runner.invoke(app, list(args))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cli_database(shared_server):
+    """The CLI reads the home's settings: in the PostgreSQL pass it must be told the server's database."""
+    with pytest.MonkeyPatch.context() as mp:
+        if shared_server.settings.database_url:
+            mp.setenv("TUNEHOUSE_DATABASE_URL", shared_server.settings.database_url)
+        yield
+
+
 @pytest.fixture(scope="module")
 def added(shared_server, tiny_family_dirs):
     """Every family added: Qwen3 with the CLI (all organizations), the others through the admin API."""
