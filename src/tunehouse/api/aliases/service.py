@@ -245,23 +245,24 @@ def list_aliases(settings: Settings, session: Session, *, principal: Principal) 
     return ModelAliasList(data=[to_wire(settings, session, principal, r) for r in rows])
 
 
-def get_alias(settings: Settings, session: Session, *, principal: Principal, name: str) -> WireAlias:
+def _alias_or_404(session: Session, principal: Principal, name: str) -> ModelAlias:
     row = find_alias(session, principal.organization_id, name)
     if row is None:
         raise NotFound(
             f"No model alias `{name}` in this organization.", param="name", code="model_alias_not_found"
         )
+    return row
+
+
+def get_alias(settings: Settings, session: Session, *, principal: Principal, name: str) -> WireAlias:
+    row = _alias_or_404(session, principal, name)
     return to_wire(settings, session, principal, row)
 
 
 def delete_alias(
     session: Session, *, principal: Principal, name: str, cli: bool = False
 ) -> ModelAliasDeleted:
-    row = find_alias(session, principal.organization_id, name)
-    if row is None:
-        raise NotFound(
-            f"No model alias `{name}` in this organization.", param="name", code="model_alias_not_found"
-        )
+    row = _alias_or_404(session, principal, name)
     session.delete(row)
     audit.record(
         session,
