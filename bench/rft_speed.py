@@ -11,7 +11,8 @@ x its LoRA-friendly scale below, beta 0, loss "dapo", one update per rollout), e
 length, capped at --max-completion for both (TRL's default 512 makes a CPU step take minutes).
 Each trainer runs for the same wall time (--minutes, after its model is loaded); the report is
 steps per minute, answer tokens generated per second, the mean training reward of the last 10
-steps, and the ratio ours / TRL (target: 2x steps per minute or more).
+steps, where a step's seconds go (generation, grading, the rest: training), and the ratio
+ours / TRL (target: 2x steps per minute or more).
 
 Timings on a shared machine are noisy: compare within one run.
 """
@@ -120,9 +121,14 @@ def run_trl(train: Path, minutes: float, max_completion: int) -> dict:
     data = Dataset.from_list([{"prompt": line["messages"], "answer": line["answer"]} for line in lines])
     history: list[dict] = []
 
+    timing = {"generation_seconds": 0.0, "grading_seconds": 0.0}
+
     def reward(completions, answer, **_):
+        t0 = time.perf_counter()
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return rewards([{"answer": a} for a in answer], texts)
+        out = rewards([{"answer": a} for a in answer], texts)
+        timing["grading_seconds"] += time.perf_counter() - t0
+        return out
 
     class Clock(TrainerCallback):
         started = None
@@ -137,8 +143,10 @@ def run_trl(train: Path, minutes: float, max_completion: int) -> dict:
                         "t": time.perf_counter() - self.started,
                         "train_reward_mean": logs["reward"],
                         "train_answer_tokens_mean": logs.get("completions/mean_length", 0.0),
+                        **timing,
                     }
                 )
+                timing.update(generation_seconds=0.0, grading_seconds=0.0)
 
         def on_step_end(self, args, state, control, **_):
             if time.perf_counter() - self.started > minutes * 60:
@@ -170,6 +178,16 @@ def run_trl(train: Path, minutes: float, max_completion: int) -> dict:
             peft_config=lora,
             callbacks=[Clock()],
         )
+        generate = trainer._generate_single_turn  # timed: where TRL decodes a step's answers
+
+        def timed_generate(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                timing["generation_seconds"] += time.perf_counter() - t0
+
+        trainer._generate_single_turn = timed_generate
         trainer.train()
     return summary("TRL GRPOTrainer", history, minutes)
 
@@ -186,7 +204,13 @@ def summary(name: str, history: list[dict], minutes: float) -> dict:
         "answer_tokens_per_second": tokens / wall if wall else 0.0,
         "reward_first_10": sum(h["train_reward_mean"] for h in history[:10]) / max(1, len(history[:10])),
         "reward_last_10": sum(h["train_reward_mean"] for h in last) / max(1, len(last)),
+        # Where a step's time goes (the rest, "training": log-probabilities, loss, backward, update).
+        "seconds_per_step": {
+            part: sum(h.get(f"{part}_seconds", 0.0) for h in history) / max(1, steps)
+            for part in ("generation", "grading")
+        },
     }
+    out["seconds_per_step"]["training"] = wall / max(1, steps) - sum(out["seconds_per_step"].values())
     print(json.dumps(out), flush=True)
     return out
 

@@ -32,6 +32,7 @@ sliding window shorter than the context, no tensor-parallel pretraining split.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,15 +48,22 @@ log = logging.getLogger(__name__)
 FAST_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma"})
 
 
-def fast_decoder(model: nn.Module) -> LlamaDecoder | None:
-    """The fast decode step for `model`, or None (logged once) where it does not cover the model."""
+# How a decoder computes the linear layers of a block that read one input: (the attention or MLP
+# module, their names) -> a function from that input [rows, in] to their outputs side by side.
+Projections = Callable[[nn.Module, tuple[str, ...]], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def fast_decoder(model: nn.Module, projections: Projections | None = None) -> LlamaDecoder | None:
+    """The fast decode step for `model`, or None (logged once) where it does not cover the model.
+    `projections`: how the block's linear layers are computed (default: the serving engine's
+    `_Projections`, which fuses the model's own weights in place)."""
     reason = _not_covered(model)
     if reason is not None:
         log.info(
             "fast decoding does not cover this model (%s): decode steps use transformers' forward", reason
         )
         return None
-    return LlamaDecoder(model)
+    return LlamaDecoder(model, projections)
 
 
 def _not_covered(model: nn.Module) -> str | None:
@@ -78,7 +86,7 @@ def _not_covered(model: nn.Module) -> str | None:
 
 
 class LlamaDecoder:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, projections: Projections | None = None):
         inner, config = model.model, model.config
         self.embed, self.layers, self.norm, self.head = (
             inner.embed_tokens,
@@ -99,10 +107,11 @@ class LlamaDecoder:
         # fp32 norms.
         self.native = native_ops() if self.cpu else None
         self.native_attention = self.native is not None and self.head_dim in (16, 32, 64, 128)
-        self.qkv = [_Projections(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
-        self.o = [_Projections(layer.self_attn, ("o_proj",)) for layer in self.layers]
-        self.gate_up = [_Projections(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
-        self.down = [_Projections(layer.mlp, ("down_proj",)) for layer in self.layers]
+        make = projections or _Projections
+        self.qkv = [make(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
+        self.o = [make(layer.self_attn, ("o_proj",)) for layer in self.layers]
+        self.gate_up = [make(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
+        self.down = [make(layer.mlp, ("down_proj",)) for layer in self.layers]
         self.intermediate = config.intermediate_size
         # SiLU as one op; other families' activation (Gemma's tanh-GeLU) as the layer computes it.
         self.act = F.silu if getattr(config, "hidden_act", None) == "silu" else self.layers[0].mlp.act_fn

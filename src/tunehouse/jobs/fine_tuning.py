@@ -64,6 +64,7 @@ REWARD_COLUMNS = [
     "valid_reward",
     "generated_tokens",
     "generation_seconds",
+    "grading_seconds",
     "training_seconds",
 ]
 

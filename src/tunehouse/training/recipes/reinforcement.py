@@ -7,7 +7,8 @@ brings, for each optimizer step's prompts:
     rollout   `group_size` answers per prompt, sampled from the weights as they are now (the job
               gives the sampler: inference/rollout.py, all the step's answers decoded as one batch)
     reward    each answer graded (the job gives the grader: graders/, python graders in their
-              sandbox, model graders through the serving engine); an answer the grader fails on
+              sandbox, model graders through the serving engine), a prompt's answers as soon as
+              they are all complete, while the others still decode; an answer the grader fails on
               scores 0 and counts as an error, and a step where most do stops the job
     advantage (reward - mean of its group) / (std of its group + 1e-4): an answer is pushed up or
               down only relative to the other answers to the same prompt; a group whose answers
@@ -17,8 +18,9 @@ brings, for each optimizer step's prompts:
               policy update per rollout, so ratio = 1 in value and the gradient is A * grad log p.
               With kl_beta > 0, plus kl_beta times the k3 estimate of KL to the base model (the
               LoRA adapter switched off: no second copy of the model)
-    report    reward mean and spread, grader error rate, answer length, time generating vs
-              training; a few prompts with their answers and rewards (`step_samples`)
+    report    reward mean and spread, grader error rate, answer length, time decoding, waiting for
+              grades after decoding, and training; a few prompts with their answers and rewards
+              (`step_samples`)
 
 Validation (every `eval_interval` steps, `eval_samples` validation prompts; the whole validation
 file at each epoch end, which is what checkpoints carry): one greedy answer per prompt, graded:
@@ -32,12 +34,11 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 from tunehouse.data.chat import prompt_ids
 from tunehouse.training.examples import IGNORE, Example, padded, read_jsonl, split_by_length
@@ -58,8 +59,12 @@ class Sampler(Protocol):
         max_new_tokens: int,
         temperature: float,
         seed: int,
+        eos_ids: set[int],
+        pad_id: int,
+        on_group: Callable[[int, list[list[int]]], None] | None = None,
     ) -> list[list[list[int]]]:
-        """`n` answers (token ids) for each prompt, sampled from `model` as it is now."""
+        """`n` answers (token ids) for each prompt, sampled from `model` as it is now; each
+        prompt's answers handed to `on_group(prompt index, answers)` as soon as they are complete."""
 
 
 # (the training lines, one answer text per line) -> (reward, error message or None) per answer.
@@ -85,6 +90,16 @@ class ReinforcementSpec(TrainSpec):
 
 
 @dataclass
+class Rollout:
+    answers: list[list[list[int]]]  # per prompt, its answers' token ids
+    rewards: list[float]  # per answer, prompt by prompt (0 where the grader failed)
+    n_errors: int  # answers the grader failed on
+    texts: list[str]  # per answer, as graded
+    generation_s: float  # decoding
+    grading_s: float  # waiting for grades after the last answer (the rest overlapped decoding)
+
+
+@dataclass
 class Prompt:
     ids: list[int]
     line: dict  # the whole training line: what the grader reads as {{item.*}}
@@ -95,8 +110,9 @@ class Reinforcement:
 
     state_info = {"method": "reinforcement"}
     checkpoint_info = {"method": "reinforcement"}
-    # loss, reward, reward², errors, answers, answer tokens, generation s, training s, flat groups
-    n_sums = 9
+    # loss, reward, reward², errors, answers, answer tokens, generation s, grading s, training s,
+    # flat groups
+    n_sums = 10
 
     def __init__(self, spec: ReinforcementSpec):
         if spec.sampler is None or spec.rewarder is None:
@@ -175,13 +191,13 @@ class Reinforcement:
     # -- one step ---------------------------------------------------------------------------------
 
     def _answers(
-        self, m: Model, prompts: Sequence[Prompt], *, n: int, temperature: float
+        self, m: Model, prompts: Sequence[Prompt], *, n: int, temperature: float, on_group=None
     ) -> list[list[list[int]]]:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # from the RNG the loop saves: resumable
         was_training = m.model.training
         m.model.eval()
         try:
-            with torch.no_grad(), merged_adapter(m.model), m.autocast:
+            with torch.no_grad(), m.autocast:
                 return self.spec.sampler(
                     m.model,
                     [p.ids for p in prompts],
@@ -191,33 +207,54 @@ class Reinforcement:
                     seed=seed,
                     eos_ids=self.eos_ids,
                     pad_id=m.pad_id,
+                    on_group=on_group,
                 )
         finally:
             m.model.train(was_training)
 
-    def _grade(
-        self, prompts: Sequence[Prompt], answers: list[list[list[int]]]
-    ) -> tuple[list[float], int, list[str]]:
-        lines = [p.line for p, group in zip(prompts, answers, strict=True) for _ in group]
-        texts = [self.tokenizer.decode(a, skip_special_tokens=True) for group in answers for a in group]
-        graded = self.spec.rewarder(lines, texts)
-        rewards = [float(r) if err is None else 0.0 for r, err in graded]
-        errors = [err for _, err in graded if err is not None]
-        if errors and len(errors) / len(graded) > self.spec.max_error_rate:
+    def _rollout(self, m: Model, prompts: Sequence[Prompt], *, n: int, temperature: float) -> Rollout:
+        """`n` answers per prompt, graded: each prompt's answers go to the grader (on a thread;
+        python graders run in sandbox processes of their own) as soon as they are all complete,
+        while the other prompts' answers still decode."""
+        graded: dict[int, Future] = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-grader") as pool:
+
+            def on_group(i: int, group: list[list[int]]) -> None:
+                graded[i] = pool.submit(self._grade_group, prompts[i], [list(a) for a in group])
+
+            t0 = time.perf_counter()
+            answers = self._answers(m, prompts, n=n, temperature=temperature, on_group=on_group)
+            t1 = time.perf_counter()
+            groups = [graded[i].result() for i in range(len(prompts))]
+            t2 = time.perf_counter()
+        graded_answers = [g for group in groups for g in group]
+        rewards = [float(r) if err is None else 0.0 for r, err, _ in graded_answers]
+        errors = [err for _, err, _ in graded_answers if err is not None]
+        if errors and len(errors) / len(graded_answers) > self.spec.max_error_rate:
             raise GraderFailed(
-                f"The grader failed on {len(errors)} of {len(graded)} answers in a step (more than "
-                f"{self.spec.max_error_rate:.0%}); the first error: {errors[0]}"
+                f"The grader failed on {len(errors)} of {len(graded_answers)} answers in a step (more "
+                f"than {self.spec.max_error_rate:.0%}); the first error: {errors[0]}"
             )
-        return rewards, len(errors), texts
+        return Rollout(
+            answers=answers,
+            rewards=rewards,
+            n_errors=len(errors),
+            texts=[text for _, _, text in graded_answers],
+            generation_s=t1 - t0,
+            grading_s=t2 - t1,
+        )
+
+    def _grade_group(self, prompt: Prompt, answers: list[list[int]]) -> list[tuple[float, str | None, str]]:
+        texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        graded = self.spec.rewarder([prompt.line] * len(texts), texts)
+        return [(reward, err, text) for (reward, err), text in zip(graded, texts, strict=True)]
 
     def micro_steps(
         self, m: Model, items: Sequence[Prompt], *, normaliser: float | None
     ) -> Iterator[tuple[list[float], int]]:
         g = self.spec.group_size
-        t0 = time.perf_counter()
-        answers = self._answers(m, items, n=g, temperature=self.spec.temperature)
-        rewards, n_errors, texts = self._grade(items, answers)
-        generation_s = time.perf_counter() - t0
+        rollout = self._rollout(m, items, n=g, temperature=self.spec.temperature)
+        answers, rewards, texts = rollout.answers, rollout.rewards, rollout.texts
 
         rows, advantages, flat = [], [], 0
         for i, p in enumerate(items):
@@ -247,10 +284,11 @@ class Reinforcement:
                 0.0,
                 float(r.sum()),
                 float((r * r).sum()),
-                n_errors,
+                rollout.n_errors,
                 len(rewards),
                 n_answer_tokens,
-                generation_s,
+                rollout.generation_s,
+                rollout.grading_s,
                 0.0,
                 flat,
             ],
@@ -269,7 +307,10 @@ class Reinforcement:
                 loss_sum = self._loss(m, inputs.to(m.device), labels.to(m.device), adv.to(m.device))
             if normaliser is not None:
                 (loss_sum / max(1, total)).backward()
-            yield [loss_sum.item(), 0.0, 0.0, 0, 0, 0, 0.0, time.perf_counter() - t1, 0], int(inputs.numel())
+            yield (
+                [loss_sum.item(), 0.0, 0.0, 0, 0, 0, 0.0, 0.0, time.perf_counter() - t1, 0],
+                int(inputs.numel()),
+            )
 
     def _loss(self, m: Model, inputs, labels, advantages):
         """Sum over the answer tokens of the clipped policy loss (+ kl_beta x KL to the base)."""
@@ -288,7 +329,7 @@ class Reinforcement:
         return loss.sum()
 
     def metrics(self, sums: list[float], n: float) -> dict[str, float]:
-        loss, r, r2, errors, answers, tokens, gen_s, train_s, flat = sums
+        loss, r, r2, errors, answers, tokens, gen_s, grade_s, train_s, flat = sums
         answers = max(1, answers)
         mean = r / answers
         return {
@@ -299,6 +340,7 @@ class Reinforcement:
             "train_answer_tokens_mean": tokens / answers,
             "train_flat_groups": flat,
             "generation_seconds": gen_s,
+            "grading_seconds": grade_s,
             "training_seconds": train_s,
             "generated_tokens": tokens,
             **self.base_valid,
@@ -312,42 +354,9 @@ class Reinforcement:
 
     def evaluate(self, m: Model, items: Sequence[Prompt]) -> dict[str, float]:
         """The mean reward of one greedy answer per validation prompt."""
-        answers = self._answers(m, items, n=1, temperature=0.0)
-        rewards, n_errors, _ = self._grade(items, answers)
-        return {
-            "reward": sum(rewards) / max(1, len(rewards)),
-            "grader_error_rate": n_errors / max(1, len(rewards)),
-        }
-
-
-@contextmanager
-def merged_adapter(model):
-    """The LoRA adapter folded into the weights while answers are sampled, the adapter path off:
-    decoding then runs the plain model's matmuls, without PEFT's two extra small matmuls (and
-    their dispatch) on each of the ~200 wrapped projections at every token. The frozen weights
-    are left untouched: each wrapped layer decodes with a merged copy and gets its own weight
-    back afterwards (merging into a bf16 weight and unmerging would round it a little every
-    step). A model without an adapter (full fine-tuning) samples as it is."""
-    layers = [
-        mod
-        for mod in model.modules()
-        if isinstance(mod, LoraLayer) and "default" in getattr(mod, "lora_A", {})
-    ]
-    if not layers:
-        yield
-        return
-    originals = []
-    for layer in layers:
-        weight = layer.get_base_layer().weight
-        delta = layer.get_delta_weight("default")  # scale * B @ A, in the adapter's fp32
-        originals.append((weight, weight.data))
-        weight.data = (weight.data.float() + delta).to(weight.dtype)
-    try:
-        with model.disable_adapter():
-            yield
-    finally:
-        for weight, data in originals:
-            weight.data = data
+        rollout = self._rollout(m, items, n=1, temperature=0.0)
+        n = max(1, len(rollout.rewards))
+        return {"reward": sum(rollout.rewards) / n, "grader_error_rate": rollout.n_errors / n}
 
 
 def _example(prompt: list[int], answer: list[int]) -> Example:
