@@ -53,9 +53,27 @@ PG_ADMIN_URL = os.environ.get("TUNEHOUSE_TEST_DATABASE_URL")
 DATABASE_FIXTURES = {"settings", "shared_server", "world"}
 
 
+# The longest test files (minutes each: the real model's fine-tune, Ray clusters, RFT jobs, job
+# lifecycles). scripts/test.sh runs the suite on two pytest-xdist workers, which take files in
+# collection order: these go first, so that neither worker is left with one of them at the end.
+RUN_FIRST = [
+    "tests/test_end_to_end.py",
+    "tests/jobs/test_ray_executor.py",
+    "tests/api/test_fine_tuning_reinforcement.py",
+    "tests/api/test_job_lifecycle.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
-    """The PostgreSQL pass runs only the tests that use the database, less those marked
-    `one_database`: the others ran, identically, in the SQLite pass (scripts/test.sh runs both)."""
+    """The longest files first (RUN_FIRST). The PostgreSQL pass runs only the tests that use the
+    database, less those marked `one_database`: the others ran, identically, in the SQLite pass
+    (scripts/test.sh runs both)."""
+
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return RUN_FIRST.index(path) if path in RUN_FIRST else len(RUN_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
     if not PG_ADMIN_URL:
         return
     keep = [

@@ -16,7 +16,12 @@ from tunehouse.cli.main import app as cli_app
 
 
 def cli(settings, *args):
-    env = {"TUNEHOUSE_HOME": str(settings.home), "TUNEHOUSE_DATABASE_URL": settings.db_url, "COLUMNS": "200"}
+    from tunehouse.cli import usage
+
+    env = {"TUNEHOUSE_HOME": str(settings.home), "TUNEHOUSE_DATABASE_URL": settings.db_url}
+    # Rich reads COLUMNS once, when the module's console is made: in this process that may have
+    # been by an earlier test, in a narrower terminal (a real CLI call is a process of its own).
+    usage.console.width = 200
     result = CliRunner().invoke(cli_app, list(args), env=env)
     assert result.exit_code == 0, result.output
     return result.stdout
