@@ -16,7 +16,7 @@ STEPS = 10
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _lora_model(path, *, covered: bool):
+def _lora_model(path, *, covered: bool, targets=TARGETS):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -25,7 +25,7 @@ def _lora_model(path, *, covered: bool):
         config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
     assert (fast_decoder(model) is not None) == covered
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; an adapter that changes the answers
@@ -41,9 +41,14 @@ def _generate(model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("covered", [True, False], ids=["fast-decoder", "model-forward"])
-def test_greedy_rollouts_answer_as_the_model_with_its_adapter(tiny_model_dir, covered):
-    model = _lora_model(tiny_model_dir, covered=covered)
+@pytest.mark.parametrize(
+    "covered, targets",
+    [(True, TARGETS), (True, ["q_proj", "v_proj"]), (False, TARGETS)],
+    # q/v only: the layers without an adapter are not copied, each keeps its own matmul
+    ids=["fast-decoder", "fast-decoder-q-v-only", "model-forward"],
+)
+def test_greedy_rollouts_answer_as_the_model_with_its_adapter(tiny_model_dir, covered, targets):
+    model = _lora_model(tiny_model_dir, covered=covered, targets=targets)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     groups: dict[int, list[list[int]]] = {}
 

@@ -159,33 +159,36 @@ class MergedProjections:
     rollout's decode steps: one matmul over a copy of their weights, side by side, in the dtype
     matmuls run in, each LoRA adapter folded in once (in fp32, rounded once). A fine-tune's
     weights change every step, so the copy is made per rollout; its cost (SmolLM2-135M: ~0.1 s)
-    is that of one or two decode steps."""
+    is that of one or two decode steps. Layers without an adapter, already in that dtype, are not
+    copied: they keep a matmul each (a copy for one matmul would add their size to memory)."""
 
     def __init__(self, parent: nn.Module, names: tuple[str, ...], dtype: torch.dtype):
-        weights, biases = [], []
+        self.parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        copied = []
         for name in names:
             layer = getattr(parent, name)
             base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-            updates = _lora_updates(layer)
             weight = base.weight.detach()
+            updates = _lora_updates(layer)
             if updates:
                 weight = weight.float()
                 for up, down, scale in updates:
                     weight = torch.addmm(weight, up.float(), down.float(), alpha=scale)
-            weights.append(weight.to(dtype))
-            biases.append(None if base.bias is None else base.bias.detach().to(dtype))
-        self.weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-        self.bias = None
-        if any(b is not None for b in biases):
-            self.bias = torch.cat(
-                [
-                    b if b is not None else w.new_zeros(w.shape[0])
-                    for w, b in zip(weights, biases, strict=True)
-                ]
-            )
+            copied.append(bool(updates) or weight.dtype != dtype)
+            bias = None if base.bias is None else base.bias.detach().to(dtype)
+            self.parts.append((weight.to(dtype), bias))
+        if len(self.parts) > 1 and all(copied):
+            weights = [w for w, _ in self.parts]
+            bias = None
+            if any(b is not None for _, b in self.parts):
+                bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in self.parts])
+            self.parts = [(torch.cat(weights), bias)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        x = x.to(self.parts[0][0].dtype)
+        if len(self.parts) == 1:
+            return F.linear(x, *self.parts[0])
+        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
 
 
 @contextmanager
