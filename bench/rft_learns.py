@@ -8,7 +8,8 @@ A tunehouse server in a child process (its own home, SmolLM2-135M-Instruct) gets
 number." (a, b in 1..20), graded by the python grader of bench/rft_speed.py (0.5 when the right sum
 is in the answer, 0.5 more when the answer is a bare number). The job measures the validation
 reward (one greedy answer per held-out prompt) before training and every few steps; this prints
-those figures, the training rewards, and the held-out answers of the base and of the fine-tune.
+those figures, the training rewards, and for the base and the fine-tune how many held-out answers
+hold the right sum and how many are a bare number (the reward's two halves), with five of them.
 """
 
 from __future__ import annotations
@@ -100,16 +101,26 @@ def main() -> int:
                 f"final full validation reward {metrics[-1].get('full_valid_reward', float('nan')):.3f} "
                 f"after {metrics[-1]['step']} steps"
             )
+            # The reward's two halves, over every held-out prompt: which one the model learned.
+            held_out = lines[args.train :]
             for who, model in (("base", MODEL), ("fine-tuned", job.fine_tuned_model)):
                 answers = [
                     client.chat.completions.create(
                         model=model, messages=x["messages"], temperature=0, max_tokens=args.max_completion
                     )
                     .choices[0]
-                    .message.content
-                    for x in lines[args.train :][:5]
+                    .message.content.strip()
+                    for x in held_out
                 ]
-                print(who, json.dumps(answers))
+                right = sum(
+                    x["answer"] in a.replace(",", "").split() or a == x["answer"]
+                    for x, a in zip(held_out, answers, strict=True)
+                )
+                bare = sum(a.isdigit() for a in answers)
+                print(
+                    f"{who}: right sum in {right}/{len(answers)} answers, a bare number in "
+                    f"{bare}/{len(answers)}; the first five: {json.dumps(answers[:5])}"
+                )
         finally:
             server.terminate()
             server.wait(timeout=60)
