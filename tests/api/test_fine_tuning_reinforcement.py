@@ -97,6 +97,48 @@ def trained(client, files):  # the tests using it are one_database: they check t
     return job
 
 
+ANSWER_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"answer": {"type": "integer"}},
+            "required": ["answer"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.one_database
+def test_a_response_format_shapes_every_sampled_answer(client, files):
+    train, _, _ = files
+    method = rft(BY_LENGTH, n_epochs=1, batch_size=5, compute_multiplier=0.25, max_completion_tokens=12)
+    method["reinforcement"]["response_format"] = ANSWER_SCHEMA
+    job = client.fine_tuning.jobs.create(model=TINY_MODEL, training_file=train, seed=3, method=method)
+    assert job.method.reinforcement.model_extra["response_format"] == ANSWER_SCHEMA
+    job = wait_for_job(client, job.id, timeout=300)
+    assert job.status == "succeeded", job.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=200).data
+    answers = [
+        a
+        for e in events
+        if e.message.startswith("Step ") and "samples" in e.message
+        for sample in e.data["samples"]
+        for a in sample["answers"]
+    ]
+    assert len(answers) >= 4
+    # The tiny random model writes no JSON of itself; constrained, every answer is the schema's
+    # object or, cut at 12 tokens, its beginning.
+    for a in answers:
+        compact = "".join(a.split())  # JSON may space its tokens (whitespace is cut here)
+        assert compact.startswith('{"answer":') or '{"answer":'.startswith(compact), a
+        if a.rstrip().endswith("}"):
+            assert set(json.loads(a)) == {"answer"} and isinstance(json.loads(a)["answer"], int)
+
+
 @pytest.mark.one_database
 def test_the_job_reports_rewards_and_its_model_answers(client, trained):
     job = trained
@@ -205,7 +247,23 @@ def test_a_grader_that_fails_on_most_answers_fails_the_job_once(client, files):
         (
             {
                 "type": "reinforcement",
-                "reinforcement": {"grader": FUZZY, "response_format": {"type": "json_object"}},
+                "reinforcement": {
+                    "grader": FUZZY,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "no spaces here"}},
+                },
+            },
+            "method.reinforcement.response_format",
+        ),
+        (
+            {
+                "type": "reinforcement",
+                "reinforcement": {
+                    "grader": FUZZY,
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "s", "schema": {"type": "object", "minProperties": "x"}},
+                    },
+                },
             },
             "method.reinforcement.response_format",
         ),

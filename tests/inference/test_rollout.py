@@ -80,3 +80,36 @@ def test_sampled_rollouts_follow_their_seed(tiny_model_dir):
         other = sample_groups(model, PROMPTS, seed=8, **kwargs)
     assert first == again != other
     assert all(len({tuple(a) for a in group}) > 1 for group in first)  # a group's answers differ
+
+
+def test_constrained_rollouts_follow_the_response_format(tiny_model_dir):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tunehouse.inference.constrained import build_tokenizer, validate_response_format
+    from tunehouse.inference.rollout import Constraint
+
+    model = _lora_model(tiny_model_dir, covered=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    grammar = validate_response_format(
+        {"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}
+    )
+    constraint = Constraint(build_tokenizer(tokenizer, [tokenizer.eos_token_id]), grammar)
+    kwargs = dict(n=3, max_new_tokens=16, seed=2, eos_ids={tokenizer.eos_token_id}, pad_id=0)
+    with torch.no_grad():
+        free = sample_groups(model, PROMPTS, temperature=1.0, **kwargs)
+        shaped = sample_groups(model, PROMPTS, temperature=1.0, constraint=constraint, **kwargs)
+    texts = [tokenizer.decode(a, skip_special_tokens=True) for group in shaped for a in group]
+    assert not any(tokenizer.decode(a).startswith("{") for group in free for a in group)
+    for text, answer in zip(texts, [a for group in shaped for a in group], strict=True):
+        compact = "".join(text.split())  # JSON may space its tokens (whitespace is cut here)
+        assert compact.startswith('{"n":') or '{"n":'.startswith(compact), text
+        if answer[-1] == tokenizer.eos_token_id:  # ended by itself: a whole document
+            assert set(json.loads(text)) == {"n"}

@@ -19,17 +19,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tunehouse.inference.cache import new_cache, select_rows
+from tunehouse.inference.constrained import GrammarMatcher
 from tunehouse.inference.decode import fast_decoder
 from tunehouse.inference.engine import SamplingParams
 from tunehouse.inference.models import stop_token_ids
 from tunehouse.inference.sampling import pick_tokens, seeded_generator
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A format every answer follows (a response_format's grammar, inference/constrained.py)."""
+
+    tokenizer: Any  # llguidance's view of the model's tokenizer (constrained.build_tokenizer)
+    grammar: str
 
 
 def sample_groups(
@@ -44,11 +55,13 @@ def sample_groups(
     pad_id: int,
     top_p: float = 1.0,
     on_group: Callable[[int, list[list[int]]], None] | None = None,
+    constraint: Constraint | None = None,
 ) -> list[list[list[int]]]:
     """For each prompt (token ids), `n` answers (token ids, ending with an end-of-turn token when
     the model stopped by itself (one of `eos_ids` or the model's own end tokens), without it when
     cut at max_new_tokens). Temperature 0 is greedy. `on_group(i, answers)` is called once prompt
-    i's answers are all complete, while the others still decode. Call it under torch.no_grad()
+    i's answers are all complete, while the others still decode. With a `constraint`, each answer
+    follows its grammar (tokens it does not allow are masked before sampling, as serving does). Call it under torch.no_grad()
     with the model in eval mode (and under the autocast the model trains with: the weights for
     decoding are copied in its dtype)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -73,6 +86,10 @@ def sample_groups(
     )
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
     generators = [seeded_generator(seed, i) for i in range(n_rows)]
+    matchers = None
+    if constraint is not None:
+        matchers = [GrammarMatcher(constraint.tokenizer, constraint.grammar) for _ in range(n_rows)]
+        ends = frozenset(eos_ids)
     width = max(len(r) for r in rows)
     ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n_rows, width), dtype=torch.long)
@@ -96,10 +113,18 @@ def sample_groups(
         ).logits[:, -1]
         last_pos = positions[:, -1]
         for step in range(max_new_tokens):
-            tokens = pick_tokens(logits.float(), [sampling] * len(live), [generators[i] for i in live])
+            logits = logits.float()
+            if matchers is not None:
+                for k, row in enumerate(live):
+                    allowed = matchers[row].allowed(logits.shape[-1])
+                    if allowed is not None:
+                        logits[k].masked_fill_(~torch.from_numpy(allowed), float("-inf"))
+            tokens = pick_tokens(logits, [sampling] * len(live), [generators[i] for i in live])
             keep = []
             for k, (row, token) in enumerate(zip(live, tokens, strict=True)):
                 answers[row].append(token)
+                if matchers is not None:
+                    matchers[row].consume(token, ends)
                 if token not in eos_ids and step < max_new_tokens - 1:
                     keep.append(k)
                 else:

@@ -30,13 +30,12 @@ from sqlalchemy.exc import OperationalError
 
 from tunehouse import ids
 from tunehouse.data.analysis import check_files, context_length_for
-from tunehouse.inference.rollout import sample_groups
 from tunehouse.jobs import queue
 from tunehouse.jobs import status as st
 from tunehouse.jobs.context import DP_LOCAL_RANK, DP_MASTER, JobContext, JobGone
 from tunehouse.jobs.evaluation import evaluate
 from tunehouse.jobs.events import add_event, metrics_message
-from tunehouse.jobs.reinforcement import missing_references, reinforcement_rewarder
+from tunehouse.jobs.reinforcement import missing_references, reinforcement_rewarder, rollout_sampler
 from tunehouse.jobs.state_store import StoredState, discard_training_state, stored_state
 from tunehouse.store import files
 from tunehouse.store.blobs import is_disk_full
@@ -296,7 +295,9 @@ def train(ctx: JobContext) -> None:
     )
     spec = method.make_spec(common, hp_dict)
     if method_type == "reinforcement":
-        spec.sampler = sample_groups
+        spec.sampler = rollout_sampler(
+            job.method["reinforcement"].get("response_format"), spec.base_model_path
+        )
         spec.rewarder = reinforcement_rewarder(ctx, job.method["reinforcement"]["grader"])
     started = time.monotonic()
     try:

@@ -5,6 +5,7 @@ check, before training, that every training line has what the grader reads.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ from tunehouse.data.validation import iter_examples
 from tunehouse.evals.generation import Generator
 from tunehouse.graders.base import Grader, Sample
 from tunehouse.graders.registry import grade_many, parse_grader
+from tunehouse.inference.constrained import build_tokenizer, validate_response_format
+from tunehouse.inference.models import stop_token_ids
+from tunehouse.inference.rollout import Constraint, sample_groups
 from tunehouse.jobs.context import JobContext
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,19 @@ def reinforcement_rewarder(ctx: JobContext, spec: dict):
         return [(r.reward, (r.error_message or "the grader failed") if r.errored else None) for r in results]
 
     return reward
+
+
+def rollout_sampler(response_format: dict | None, model_path: Path):
+    """The sampler of the job's rollouts: answers constrained to the method's `response_format`
+    (json_object / json_schema, as chat's) where it has one."""
+    grammar = validate_response_format(response_format)  # checked at create: compiles here
+    if grammar is None:
+        return sample_groups
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    eos = stop_token_ids(AutoConfig.from_pretrained(model_path), None, tokenizer)
+    return functools.partial(sample_groups, constraint=Constraint(build_tokenizer(tokenizer, eos), grammar))
 
 
 def _has(obj: Any, path: list[str]) -> bool:

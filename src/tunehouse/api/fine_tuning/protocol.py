@@ -64,6 +64,9 @@ class ReinforcementMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
     grader: dict[str, Any]
     hyperparameters: ReinforcementHyperparameters = Field(default_factory=ReinforcementHyperparameters)
+    # OpenAI's RFT option (not in its published schema): the answers sampled during training (and
+    # validation) follow this format, as chat's `response_format` (json_object / json_schema).
+    response_format: dict[str, Any] | None = None
 
 
 # Each method's hyperparameters object, by `method.type`.

@@ -28,6 +28,7 @@ from tunehouse.api.pagination import page
 from tunehouse.config import Settings
 from tunehouse.errors import InvalidRequest, ModelNotFound, NotFound
 from tunehouse.graders import parse_grader
+from tunehouse.inference.constrained import InvalidResponseFormat, validate_response_format
 from tunehouse.jobs.events import add_event
 from tunehouse.jobs.fine_tuning import FineTuning
 from tunehouse.store import files
@@ -217,8 +218,8 @@ def _evaluation_options(
 def _reinforcement_grader(
     settings: Settings, session: Session, principal: Principal, req: CreateFineTuningJobRequest
 ) -> dict:
-    """`method.reinforcement.grader`, checked now (its type, fields, templates, python source,
-    the models it names), not when training starts."""
+    """`method.reinforcement.grader` (and `response_format`), checked now (its type, fields,
+    templates, python source, the models it names), not when training starts."""
     if req.method.reinforcement is None:
         raise InvalidRequest(
             "A reinforcement job needs method.reinforcement with the grader that scores its answers.",
@@ -232,6 +233,12 @@ def _reinforcement_grader(
             "against the base model with the adapter switched off.",
             param="method.reinforcement.hyperparameters.kl_beta",
         )
+    response_format = req.method.reinforcement.response_format
+    if response_format is not None:
+        try:
+            validate_response_format(response_format)
+        except InvalidResponseFormat as e:
+            raise InvalidRequest(str(e), param="method.reinforcement.response_format") from None
     param = "method.reinforcement.grader"
     # OpenAI's FineTuneReinforcementMethod takes these grader types (a label_model only inside a
     # multi grader) and no pass_threshold.
@@ -243,7 +250,9 @@ def _reinforcement_grader(
         usable_base = is_base_model(settings, model, session=session, organization_id=org)
         if not usable_base and usable_checkpoint(session, principal, model) is None:
             raise ModelNotFound(model, param=where)
-    return {"grader": grader.spec}
+    if response_format is None:
+        return {"grader": grader.spec}
+    return {"grader": grader.spec, "response_format": response_format}
 
 
 def _resolve_aliases(
