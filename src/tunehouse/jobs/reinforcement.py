@@ -1,6 +1,7 @@
 """What a reinforcement job brings to its recipe (training/recipes/reinforcement.py), which knows
-neither graders nor engines: the rewarder (the job's grader over each sampled answer), and the
-check, before training, that every training line has what the grader reads.
+neither graders nor engines: the sampler (inference/rollout.py, held to the method's
+`response_format` where it has one), the rewarder (the job's grader over each sampled answer), and
+the check, before training, that every training line has what the grader reads.
 """
 
 from __future__ import annotations
