@@ -32,7 +32,7 @@ from tunehouse.inference.constrained import GrammarMatcher
 from tunehouse.inference.decode import fast_decoder
 from tunehouse.inference.engine import SamplingParams
 from tunehouse.inference.models import stop_token_ids
-from tunehouse.inference.sampling import pick_tokens, seeded_generator
+from tunehouse.inference.sampling import adjust_logits, pick_tokens, seeded_generator
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ def sample_groups(
     the model stopped by itself (one of `eos_ids` or the model's own end tokens), without it when
     cut at max_new_tokens). Temperature 0 is greedy. `on_group(i, answers)` is called once prompt
     i's answers are all complete, while the others still decode. With a `constraint`, each answer
-    follows its grammar (tokens it does not allow are masked before sampling, as serving does). Call it under torch.no_grad()
-    with the model in eval mode (and under the autocast the model trains with: the weights for
+    follows its grammar (tokens it does not allow are masked before sampling, as serving does).
+    Call it under torch.no_grad() with the model in eval mode (and under the autocast the model trains with: the weights for
     decoding are copied in its dtype)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Where serving stops too: the model's and its generation config's end tokens.
@@ -116,9 +116,7 @@ def sample_groups(
             logits = logits.float()
             if matchers is not None:
                 for k, row in enumerate(live):
-                    allowed = matchers[row].allowed(logits.shape[-1])
-                    if allowed is not None:
-                        logits[k].masked_fill_(~torch.from_numpy(allowed), float("-inf"))
+                    adjust_logits(logits[k], sampling, counts=None, bias=None, matcher=matchers[row])
             tokens = pick_tokens(logits, [sampling] * len(live), [generators[i] for i in live])
             keep = []
             for k, (row, token) in enumerate(zip(live, tokens, strict=True)):
@@ -170,6 +168,14 @@ def _lora_updates(layer: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, fl
     return [(layer.lora_B[a].weight, layer.lora_A[a].weight, layer.scaling[a]) for a in names]
 
 
+def _merged(weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """`weight` + each update's scale * B @ A, in fp32 (rounded once, by whoever casts it)."""
+    merged = weight.float()
+    for up, down, scale in updates:
+        merged = torch.addmm(merged, up.float(), down.float(), alpha=scale)
+    return merged
+
+
 def _plain_lora(model: nn.Module) -> bool:
     """Whether every LoRA layer's update is scale * B @ A (not so for DoRA's magnitudes or
     fan-in-fan-out Conv1D layers): only then can it be folded into a copy of the weights."""
@@ -193,12 +199,8 @@ class MergedProjections:
         for name in names:
             layer = getattr(parent, name)
             base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-            weight = base.weight.detach()
             updates = _lora_updates(layer)
-            if updates:
-                weight = weight.float()
-                for up, down, scale in updates:
-                    weight = torch.addmm(weight, up.float(), down.float(), alpha=scale)
+            weight = _merged(base.weight.detach(), updates) if updates else base.weight.detach()
             copied.append(bool(updates) or weight.dtype != dtype)
             bias = None if base.bias is None else base.bias.detach().to(dtype)
             self.parts.append((weight.to(dtype), bias))
@@ -231,9 +233,7 @@ def merged_adapter(model):
     originals = []
     for layer in layers:
         weight = layer.get_base_layer().weight
-        merged = weight.data.float()
-        for up, down, scale in _lora_updates(layer):
-            merged = torch.addmm(merged, up.float(), down.float(), alpha=scale)
+        merged = _merged(weight.data, _lora_updates(layer))
         originals.append((weight, weight.data))
         weight.data = merged.to(weight.dtype)
     try:
